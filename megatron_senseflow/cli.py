@@ -1,0 +1,79 @@
+"""`senseflow` command line: one verb per job, each implemented in its own module.
+
+Verbs import their module lazily so `senseflow --help` stays fast and a
+verb's heavy imports (megatron-core, diffusers) are paid only when used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module that defines `add_arguments(parser)` and `run(args) -> int`, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_senseflow.train_cli", "distil a teacher into a few-step student (SenseFlow / DMD2 / SiD)"),
+    "sample": ("megatron_senseflow.sample_cli", "1/2/4-step sampling from a checkpoint or an exported diffusers model"),
+    "convert": ("tools.convert_checkpoint", "convert weights between diffusers and Megatron layouts (import / export)"),
+    "export": ("tools.convert_checkpoint", "export a trained role to a diffusers transformer / pipeline directory"),
+    "prepare-data": ("data.prepare", "write webdataset shards from LAION-style sources; --encode adds latents"),
+    "eval": ("megatron_senseflow.eval_cli", "FID / FID-T / patch FID / CLIP score of generated images"),
+    "demo": ("megatron_senseflow.demo", "train a small digits teacher, distil it, evaluate (no downloads)"),
+    "slurm": ("slurm.launch", "write (and optionally submit) an sbatch script for a recipe"),
+    "memory-plan": ("megatron_senseflow.memory_plan", "per-GPU memory of every role for a recipe and cluster shape"),
+}
+
+
+def _load(verb: str):
+    module_name = VERBS[verb][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="senseflow",
+        description="SenseFlow distillation of FLUX / SD3.x on Megatron-core.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"senseflow: unknown verb {argv[0]!r}; choose one of {', '.join(VERBS)}.", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    verb, rest = argv[0], argv[1:]
+    module = _load(verb)
+    if module is None:
+        print(f"senseflow {verb}: not available in this build yet.", file=sys.stderr)
+        return 2
+    sub = argparse.ArgumentParser(prog=f"senseflow {verb}", description=VERBS[verb][1])
+    if hasattr(module, "add_arguments_for"):
+        module.add_arguments_for(verb, sub)
+    else:
+        module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    run = getattr(module, "run_for", None)
+    from .config import ConfigError
+
+    try:
+        return int((run(verb, args) if run else module.run(args)) or 0)
+    except ConfigError as e:
+        print(f"senseflow {verb}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

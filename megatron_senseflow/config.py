@@ -1,0 +1,534 @@
+"""Typed run configuration: one dataclass per component, YAML recipes, dotted overrides.
+
+A recipe is a YAML file whose keys map one to one onto these dataclasses;
+an unknown key is an error that names the key and the file. Command-line
+overrides use dotted paths (`parallel.tp=2`, `roles.generator.optimizer.lr=1e-5`)
+and are parsed as YAML scalars, so `1e-5`, `true` and `[1, 2]` mean what they say.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.configs import Arch, ArchError, divisors, make_arch
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+METHODS = ("senseflow", "dmd2", "sid")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, said in one sentence that names the value and the fix."""
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    preset: str = "flux-dev"
+    """Teacher architecture: flux-dev, flux-schnell, sd3-medium, sd35-medium, sd35-large, tiny-flux, tiny-sd3."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's architecture fields, named as in diffusers' config.json."""
+    student_guidance_embeds: bool = False
+    """FLUX only: keep the guidance embedding in generator and fake score (SenseFlow drops it)."""
+    spec: str = "local"
+    """Layer backend: 'local' (plain torch + megatron-core TP layers, runs on CPU) or 'te' (TransformerEngine)."""
+    recompute: str = "none"
+    """Activation recompute for trainable roles: 'none', 'full' (every block) or 'selective' (attention core only)."""
+    recompute_num_layers: int | None = None
+    """With recompute='full': recompute only the first N blocks of each stage (None = all)."""
+    params_dtype: str = "bfloat16"
+    """Dtype of the model weights: 'bfloat16' or 'float32' (CPU runs and parity tests use float32)."""
+
+    def teacher_arch(self) -> Arch:
+        return make_arch(self.preset, self.arch)
+
+    def student_arch(self) -> Arch:
+        arch = self.teacher_arch()
+        if arch.family == "flux" and not self.student_guidance_embeds:
+            arch = dataclasses.replace(arch, guidance_embeds=False)
+        return arch
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; must divide the number of attention heads."""
+    pp: int = 1
+    """Pipeline-parallel size; stages are split by layer cost."""
+    cp: int = 1
+    """Context-parallel size (reserved; the DiTs accept 1 only for now)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between TP regions (needs tp > 1)."""
+    pp_split: list[int] | None = None
+    """Explicit blocks per pipeline stage, counted over double then single blocks (None = balanced by cost)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer states and fp32 main weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass."""
+    num_microbatches: int = 1
+    """Microbatches per step and DP rank; the pipeline schedule interleaves them."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str | None = None
+    """Directory of webdataset shards (with manifest.json), a glob, or a brace pattern; None = synthetic data."""
+    encoded: bool = True
+    """Shards hold precomputed latents and text embeddings (`senseflow prepare-data --encode`)."""
+    resolution: int = 1024
+    """Training resolution in pixels."""
+    micro_batch_size: int = 1
+    """Samples per microbatch per data-parallel rank."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling; 0 disables shuffling."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    seed: int = 1234
+    """Seed of the shard order and the shuffle; epochs reshuffle with seed + epoch."""
+    real_images: bool = True
+    """Also yield the decoded real image for the discriminator."""
+    text_max_length: int = 512
+    """Text tokens per prompt (T5 for FLUX, CLIP+T5 joint for SD3.x)."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of this role's optimizer, counted in its own updates."""
+    cpu_offload: str = "none"
+    """Optimizer CPU offload: 'none', 'megatron' (megatron-core's hybrid offload) or 'deepspeed' (DeepSpeedCPUAdam)."""
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings of the generator."""
+    precision: str = "bf16"
+    """Compute precision: 'bf16' or 'fp32' (the generator never runs FP8)."""
+    ema_decay: float = 0.0
+    """Keep an EMA of the generator weights with this decay (0 disables)."""
+
+
+@dataclass(kw_only=True)
+class FakeScoreConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings of the fake score."""
+    precision: str = "bf16"
+    """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    checkpoint: str | None = None
+    """Megatron checkpoint of the teacher (`senseflow convert import`); None = random init (tests only)."""
+    precision: str = "bf16"
+    """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
+    fp8_weights: bool = False
+    """Keep the frozen teacher's weights in FP8 to save memory (TE only)."""
+
+
+@dataclass(kw_only=True)
+class DiscriminatorConfig:
+    enabled: bool = True
+    """Train the vision-foundation-model discriminator and use the GAN term."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings of the trainable heads."""
+    dinov2: str = "tiny"
+    """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config."""
+    clip: str = "tiny"
+    """Local path of a CLIP ViT-L/14 text model, or 'tiny'."""
+    vae: str | None = None
+    """Local path of the diffusers VAE that decodes latents for the discriminator; None = tiny VAE."""
+    feature_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    """DINOv2 blocks whose features feed the heads (0-based)."""
+    image_size: int = 224
+    """Resolution the decoded image is resized to before DINOv2."""
+    diffaug: str = "color,translation,cutout"
+    """DiffAugment policies applied to real and fake images."""
+    precision: str = "bf16"
+    """Compute precision: 'bf16' or 'fp32'."""
+
+
+@dataclass(kw_only=True)
+class RolesConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """The few-step student G."""
+    fake_score: FakeScoreConfig = field(default_factory=FakeScoreConfig)
+    """The fake-score model F that tracks the student's distribution."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The frozen teacher T."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """The DINOv2/CLIP discriminator D."""
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    num_steps: int = 4
+    """Student sampling steps (anchors)."""
+    shift: float | None = None
+    """Timestep shift m; None = the family default (SD3.x 3.0, FLUX resolution-dependent)."""
+    ttur: int = 5
+    """Generator updates once every `ttur` iterations; fake score and discriminator every iteration."""
+    backward_sim_prob: float = 0.5
+    """Probability of building the student input by running G from noise instead of noising a real latent."""
+    dmd_weight: float = 1.0
+    """Weight of the DMD loss."""
+    dmd_t_sampling: str = "logit_normal"
+    """DMD timestep sampling: 'logit_normal' (FLUX) or 'uniform' (SD3.x, index in [t_min, t_max])."""
+    dmd_t_min: float = 0.02
+    """Lower end of uniform DMD timesteps."""
+    dmd_t_max: float = 0.98
+    """Upper end of uniform DMD timesteps."""
+    logit_normal_mean: float = 0.0
+    """Mean of the logit-normal timestep distribution."""
+    logit_normal_std: float = 1.0
+    """Std of the logit-normal timestep distribution."""
+    guidance_min: float = 1.0
+    """Lower end of the teacher guidance scale drawn per step."""
+    guidance_max: float = 8.0
+    """Upper end of the teacher guidance scale drawn per step."""
+    guidance_mode: str = "embedding"
+    """'embedding' (FLUX.1-dev guidance input) or 'cfg' (real classifier-free guidance, SD3.x)."""
+    ida_lambda: float = 0.97
+    """IDA blend: phi <- lam * phi + (1 - lam) * theta after each generator step."""
+    isg_weight: float = 1.0
+    """Weight of intra-segment guidance."""
+    pseudo_huber_c: float = 1e-3
+    """Constant c of the ISG pseudo-Huber loss."""
+    gan_weight: float = 2.0
+    """Weight of the generator's GAN term."""
+    gan_weight_power: float = 2.0
+    """GAN term scaled by (1 - sigma_in) ** power: zero at pure noise."""
+    sid_alpha: float = 1.0
+    """SiD alpha."""
+    sid_weighting: str = "one_minus_t"
+    """SiD weighting w(t): 'one_minus_t', 'one_minus_t_sq', 'inv_t' or 'snr'."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 1000
+    """Training iterations (each runs a fake-score and discriminator update, a generator update every ttur)."""
+    output_dir: str = "runs/senseflow"
+    """Where checkpoints, TensorBoard logs and samples go; rerunning with the same directory resumes."""
+    seed: int = 1234
+    """Base seed; noise streams differ across data-parallel ranks and agree inside a model-parallel group."""
+    nan_max_consecutive: int = 5
+    """Abort after this many consecutive steps with a non-finite loss (each one is skipped and logged)."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cuda' or 'cpu'."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 500
+    """Save every N iterations (0 = only at the end and on signals)."""
+    keep_last: int = 3
+    """Keep this many step directories; older ones are removed after a successful save."""
+    resume: bool = True
+    """Resume from the latest checkpoint in output_dir when one exists."""
+    save_on_signal: bool = True
+    """SIGTERM/SIGUSR1 save at the next step boundary and exit 0 (Slurm preemption)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tensorboard."""
+    log_every: int = 10
+    """Scalars every N iterations."""
+    image_every: int = 500
+    """4-step sample grids for the fixed prompts every N iterations (0 disables)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a city at night"])
+    """Fixed prompts of the image grids."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    method: str = "senseflow"
+    """Objective: 'senseflow' (DMD + ISG + IDA + GAN), 'dmd2' (IDA and ISG off) or 'sid'."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture shared by the roles."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout, shared by every role."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    """Per-role optimizer and precision."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """SenseFlow / DMD2 / SiD hyper-parameters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop length, output and seeds."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard and sample grids."""
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ConfigError with one sentence for the first thing that cannot run."""
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        try:
+            arch = self.model.teacher_arch()
+        except ArchError as e:
+            raise ConfigError(str(e)) from None
+        p = self.parallel
+        for name in ("tp", "pp", "cp"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(p, name)} must be at least 1.")
+        heads = arch.num_attention_heads
+        label = {"flux": "FLUX", "sd3": "SD3"}[arch.family]
+        if heads % p.tp:
+            raise ConfigError(
+                f"tensor parallel size {p.tp} does not divide {label}'s {heads} attention heads; "
+                f"use one of {', '.join(map(str, divisors(heads)))}."
+            )
+        if p.cp != 1:
+            raise ConfigError("context parallel (parallel.cp) is not supported by the DiTs yet; set parallel.cp=1.")
+        if p.sequence_parallel and p.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1.")
+        num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+        if p.pp > num_blocks:
+            raise ConfigError(f"pipeline parallel size {p.pp} exceeds the model's {num_blocks} blocks.")
+        if p.pp_split is not None:
+            if len(p.pp_split) != p.pp or sum(p.pp_split) != num_blocks or min(p.pp_split) < 1:
+                raise ConfigError(
+                    f"parallel.pp_split={p.pp_split} must list {p.pp} positive block counts summing to {num_blocks}."
+                )
+        if world_size is not None and world_size % (p.tp * p.pp * p.cp):
+            raise ConfigError(
+                f"world size {world_size} is not a multiple of tp x pp x cp = {p.tp * p.pp * p.cp}; "
+                f"change the number of processes or the parallel sizes."
+            )
+        if self.model.spec not in ("local", "te"):
+            raise ConfigError(f"model.spec={self.model.spec!r} is unknown; use 'local' or 'te'.")
+        if self.model.recompute not in ("none", "full", "selective"):
+            raise ConfigError(f"model.recompute={self.model.recompute!r} is unknown; use none, full or selective.")
+        if self.model.params_dtype not in ("bfloat16", "float32"):
+            raise ConfigError(f"model.params_dtype={self.model.params_dtype!r} must be bfloat16 or float32.")
+        for role, prec in (
+            ("generator", self.roles.generator.precision),
+            ("fake_score", self.roles.fake_score.precision),
+            ("teacher", self.roles.teacher.precision),
+            ("discriminator", self.roles.discriminator.precision),
+        ):
+            allowed = ("bf16", "fp32") if role in ("generator", "discriminator") else ("bf16", "fp8", "fp32")
+            if prec not in allowed:
+                raise ConfigError(f"roles.{role}.precision={prec!r} is not allowed; use one of {', '.join(allowed)}.")
+            if prec == "fp8" and self.model.spec != "te":
+                raise ConfigError(f"roles.{role}.precision=fp8 needs model.spec=te (TransformerEngine).")
+        d = self.distill
+        if d.num_steps < 1:
+            raise ConfigError(f"distill.num_steps={d.num_steps} must be at least 1.")
+        if d.ttur < 1:
+            raise ConfigError(f"distill.ttur={d.ttur} must be at least 1.")
+        if not 0.0 <= d.ida_lambda <= 1.0:
+            raise ConfigError(f"distill.ida_lambda={d.ida_lambda} must lie in [0, 1].")
+        if d.guidance_mode not in ("embedding", "cfg"):
+            raise ConfigError(f"distill.guidance_mode={d.guidance_mode!r} must be 'embedding' or 'cfg'.")
+        if d.guidance_mode == "embedding" and not getattr(arch, "guidance_embeds", False):
+            raise ConfigError(
+                f"distill.guidance_mode='embedding' needs a teacher with a guidance embedding ({self.model.preset} "
+                f"has none); use guidance_mode='cfg'."
+            )
+        if d.dmd_t_sampling not in ("logit_normal", "uniform"):
+            raise ConfigError(f"distill.dmd_t_sampling={d.dmd_t_sampling!r} must be logit_normal or uniform.")
+        if d.sid_weighting not in ("one_minus_t", "one_minus_t_sq", "inv_t", "snr"):
+            raise ConfigError(f"distill.sid_weighting={d.sid_weighting!r} is unknown.")
+        if self.data.micro_batch_size < 1:
+            raise ConfigError(f"data.micro_batch_size={self.data.micro_batch_size} must be at least 1.")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device={self.train.device!r} must be auto, cpu or cuda.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (after `from __future__ import annotations`)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, not {value!r}.")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, not {value!r}.")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where} must have {len(args)} entries, not {len(value)}.")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, not {value!r}.")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, not {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, not {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, not {value!r}.")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}.")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where + '.' if where else ''}{key} in {_SOURCE[0]}{hint}.")
+        kwargs[key] = _coerce(value, hints[key], f"{where + '.' if where else ''}{key}")
+    return cls(**kwargs)
+
+
+_SOURCE = ["<config>"]  # name of the file being read, for error messages
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section.")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (for example parallel.tp=2).")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled recipe (`tiny`, `flux_dev`, ...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = RECIPE_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(x.stem for x in RECIPE_DIR.glob("*.yaml")))
+    raise ConfigError(f"no recipe file {name_or_path!r}; give a YAML path or one of the bundled recipes: {names}.")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    _SOURCE[0] = source
+    try:
+        return _build(Config, data, "")
+    finally:
+        _SOURCE[0] = "<config>"
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe, apply dotted overrides, type-check every key and validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level.")
+        data = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    cfg = config_from_dict(data, source + (" (with overrides)" if overrides else ""))
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

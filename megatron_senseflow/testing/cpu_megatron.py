@@ -1,0 +1,196 @@
+"""Let unmodified megatron-core run on CPU with gloo: test and CPU-demo support only.
+
+Why this exists: megatron-core 0.16 asks for CUDA in a few places that have
+nothing to do with the maths we test. `install()` is called by the
+distributed bootstrap only when the run is on CPU (no CUDA); a GPU run never
+imports this module, so nothing here can change what a GPU run does.
+
+What it covers, and why each piece is needed (megatron-core 0.16.1 paths):
+- `torch.cuda.current_device()` is used as a `device=` argument for new
+  tensors: pipeline p2p receive buffers (pipeline_parallel/p2p_communication.py),
+  DDP param/grad buffers (distributed/param_and_grad_buffer.py), the distributed
+  optimizer's shard buffers, gather buffers in tensor_parallel/layers.py.
+  We make it return a sentinel and map every CUDA device request to CPU with a
+  torch function mode (`_CudaToCpu`), which also turns `.cuda()` / `.to("cuda")`
+  into no-ops.
+- `torch.cuda.synchronize()`, streams and events (p2p_communication.py after
+  batch_isend_irecv, DDP's communication stream): no-ops on CPU.
+- The CUDA RNG tracker (tensor_parallel/random.py) forks a CUDA generator for
+  TP-split initialisation and dropout; `CpuRNGStatesTracker` keeps the same
+  interface (add / fork / get_states / set_states / reset) on CPU generator states.
+- The optimizers (optimizer/optimizer.py, optimizer/distrib_optimizer.py,
+  optimizer/clip_grads.py) dispatch on `param.type() == 'torch.cuda.FloatTensor'`;
+  the function mode reports CPU tensors' legacy type string with `.cuda.`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: "_CudaToCpu | None" = None
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare int means a CUDA ordinal to torch
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrite CUDA device arguments of tensor factories and moves to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name == "to" and args and isinstance(args[0], torch.Tensor):
+            if len(args) > 1 and _is_cuda(args[1]):
+                args = (args[0], "cpu", *args[2:])
+        if name in ("pin_memory",) and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            # megatron's optimizers dispatch on the legacy type string ('torch.cuda.FloatTensor')
+            t = func(*args)
+            return t.replace("torch.", "torch.cuda.", 1) if t.startswith("torch.") and ".cuda." not in t else t
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    def __init__(self, *a, **k):
+        pass
+
+    def record(self, *a, **k):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class CpuRNGStatesTracker:
+    """Same interface as megatron's CudaRNGStatesTracker, on CPU generator states."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"cuda rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"cuda rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def install() -> None:
+    """Idempotent. Call once per process before building megatron modules on CPU."""
+    global _INSTALLED, _MODE
+    if _INSTALLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_megatron.install() is for CPU-only runs; this process sees CUDA.")
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: None
+    cuda.manual_seed_all = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # initialize_rng_tracker(force_reset=True), called by model_parallel_cuda_manual_seed,
+    # instantiates this name: point it at ours so seeding keeps working.
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()
+    _INSTALLED = True
+
+
+def installed() -> bool:
+    return _INSTALLED

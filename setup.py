@@ -1,0 +1,37 @@
+"""megatron-senseflow: SenseFlow distillation of flow-matching DiTs on Megatron-core."""
+from setuptools import find_packages, setup
+
+# torch is a range on purpose: NVIDIA containers bring their own build and a pin
+# here would make pip replace it. Our CPU machines install torch==2.13.0 first
+# (see the Makefile), which this range accepts, so nothing is downloaded.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "megatron-core>=0.16,<0.17",
+    "diffusers>=0.35",
+    "transformers>=4.50",
+    "webdataset>=0.2.100",
+    "tensorboard>=2.16",
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+    "pyyaml>=6.0",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "scikit-learn>=1.4",
+    "psutil>=5.9",
+]
+
+setup(
+    name="megatron-senseflow",
+    version="0.1.0",
+    description="SenseFlow distillation of FLUX / SD3.x into few-step generators on Megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_senseflow*", "models*", "data*", "tools*", "slurm*"]),
+    package_data={"megatron_senseflow": ["recipes/*.yaml"], "slurm": ["*.sbatch", "*.sh"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # TransformerEngine only builds against CUDA; never required on CPU.
+        "gpu": ["transformer-engine[pytorch]>=2.4"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22"],
+    },
+    entry_points={"console_scripts": ["senseflow=megatron_senseflow.cli:main"]},
+)

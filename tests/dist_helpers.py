@@ -1,0 +1,124 @@
+"""Run a test body in N real torch.distributed (gloo) processes.
+
+`run_distributed(fn, world_size, ...)` forks N processes, each initialises
+torch.distributed + megatron-core parallel_state through the product's own
+bootstrap (`megatron_senseflow.distributed.init_distributed`, which installs
+the CPU harness), runs `fn(env, *args)` and sends its return value back. The
+first failing rank's traceback is re-raised in the test process.
+
+fork, not spawn: importing torch + megatron-core costs ~6 s per process on our
+2-core machines; forked children share the parent's imports. Set
+SENSEFLOW_TEST_START=spawn to use spawn (fn must then be importable).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+DEFAULT_TIMEOUT = float(os.environ.get("SENSEFLOW_TEST_TIMEOUT", "600"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world_size, port, parallel_kwargs, seed, args, kwargs, q):
+    try:
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        import torch
+
+        torch.set_num_threads(1)
+        from megatron_senseflow.config import ParallelConfig
+        from megatron_senseflow.distributed import destroy_distributed, init_distributed
+
+        env = init_distributed(ParallelConfig(**parallel_kwargs), seed=seed, device="cpu", timeout_min=10)
+        result = fn(env, *args, **kwargs)
+        q.put((rank, "ok", result))
+        destroy_distributed()
+    except BaseException:  # noqa: BLE001 - everything must reach the parent
+        q.put((rank, "error", traceback.format_exc()))
+        q.close()
+        q.join_thread()  # flush the traceback before the hard exit
+        os._exit(1)
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    seed: int = 1234,
+    timeout: float = DEFAULT_TIMEOUT,
+    parallel: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run fn(env, *args, **kwargs) on `world_size` gloo ranks; return the per-rank results."""
+    ctx = mp.get_context(os.environ.get("SENSEFLOW_TEST_START", "fork"))
+    port = _free_port()
+    q = ctx.Queue()
+    parallel_kwargs = {"tp": tp, "pp": pp, "cp": cp, **(parallel or {})}
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, r, world_size, port, parallel_kwargs, seed, args, kwargs, q),
+            daemon=False,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    error: str | None = None
+    try:
+        while len(results) < world_size and error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                error = f"timed out after {timeout:.0f}s waiting for ranks {sorted(set(range(world_size)) - set(results))}"
+                break
+            try:
+                rank, status, payload = q.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead:
+                    # give a failing rank a moment to flush its traceback
+                    try:
+                        rank, status, payload = q.get(timeout=2.0)
+                    except queue.Empty:
+                        error = f"rank {dead[0][0]} died with exit code {dead[0][1]} and no traceback"
+                        break
+                else:
+                    continue
+            if status == "ok":
+                results[rank] = payload
+            else:
+                error = f"rank {rank} failed:\n{payload}"
+    finally:
+        for p in procs:
+            p.join(timeout=5 if error is None else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if error is not None:
+        raise AssertionError(error)
+    return [results[r] for r in range(world_size)]
