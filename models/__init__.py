@@ -1,0 +1,143 @@
+"""The DiTs on megatron-core: FLUX.1 and SD3 / SD3.5, with local and TransformerEngine layer specs.
+
+`build_model(arch, config, ...)` builds this pipeline stage's part of a model;
+`transformer_config(arch, ...)` makes the megatron TransformerConfig that carries
+the parallel layout, dtype and recompute settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.transformer import TransformerConfig
+
+from .base import DiTBase, StageLayout
+from .configs import Arch, FluxArch, SD3Arch
+from .flops import block_costs
+
+__all__ = ["build_model", "transformer_config", "stage_layout", "split_blocks", "DiTBase", "StageLayout"]
+
+
+def transformer_config(
+    arch: Arch,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
+    use_cpu_initialization: bool | None = None,
+) -> TransformerConfig:
+    num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+    cfg = TransformerConfig(
+        num_layers=num_blocks,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        kv_channels=arch.attention_head_dim,
+        ffn_hidden_size=4 * arch.hidden_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # names q_layernorm / k_layernorm: finalize_model_grads sums their grads over TP
+        qk_layernorm=True,
+        recompute_granularity={"none": None, "full": "full", "selective": "selective"}[recompute],
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        use_cpu_initialization=not torch.cuda.is_available() if use_cpu_initialization is None else use_cpu_initialization,
+        init_method_std=0.02,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    # replicated conditioning embedders on every stage: finalize_model_grads sums their grads over PP
+    cfg.has_cond_embedder = True
+    return cfg
+
+
+def split_blocks(costs: list[float], num_stages: int) -> list[int]:
+    """Blocks per stage, contiguous, minimising the most expensive stage (exact, O(n^2 * stages))."""
+    n = len(costs)
+    if num_stages > n:
+        raise ValueError(f"{num_stages} pipeline stages for {n} blocks: each stage needs at least one block.")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: minimal max-stage cost of the first i blocks in k stages
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for i in range(k, n - (num_stages - k) + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
+    sizes, i = [], n
+    for k in range(num_stages, 0, -1):
+        j = cut[k][i]
+        sizes.append(i - j)
+        i = j
+    return sizes[::-1]
+
+
+def stage_layout(
+    arch: Arch,
+    pp: int,
+    pp_rank: int,
+    split: list[int] | None = None,
+    tokens: tuple[int, int] = (4096, 512),
+) -> StageLayout:
+    """This stage's block range. Default split balances forward FLOPs at `tokens` = (image, text)."""
+    costs = block_costs(arch, 1, *tokens)
+    sizes = split if split is not None else split_blocks(costs, pp)
+    if len(sizes) != pp or sum(sizes) != len(costs):
+        raise ValueError(f"pipeline split {sizes} must give {pp} stages covering {len(costs)} blocks.")
+    first = sum(sizes[:pp_rank])
+    return StageLayout(first, first + sizes[pp_rank], pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+
+
+def build_model(
+    arch: Arch,
+    config: TransformerConfig,
+    spec: str = "local",
+    layout: StageLayout | None = None,
+    pp_split: list[int] | None = None,
+    tokens: tuple[int, int] = (4096, 512),
+) -> DiTBase:
+    """This rank's pipeline stage of `arch` (the whole model when PP=1)."""
+    from .specs import flux_block_specs, sd3_block_spec
+
+    if layout is None:
+        pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        layout = stage_layout(arch, pp, rank, pp_split, tokens)
+    if isinstance(arch, FluxArch):
+        from .flux import FluxModel
+
+        double, single = flux_block_specs(spec)
+        model = FluxModel(config, arch, double, single, layout)
+    elif isinstance(arch, SD3Arch):
+        from .sd3 import SD3Model
+
+        def block_spec(i: int):
+            return sd3_block_spec(
+                spec,
+                qk_norm=arch.qk_norm is not None,
+                context_pre_only=i == arch.num_layers - 1,
+                dual_attention=i in arch.dual_attention_layers,
+            )
+
+        model = SD3Model(config, arch, block_spec, layout)
+    else:
+        raise TypeError(f"unknown architecture {type(arch).__name__}")
+    if config.params_dtype != torch.float32:
+        model.to(config.params_dtype)
+    return model
+
+
+def replace_arch(arch: Arch, **changes) -> Arch:
+    return dataclasses.replace(arch, **changes)

@@ -1,0 +1,83 @@
+"""Forward FLOP counts (multiply-add = 2 FLOPs), used for MFU and for pipeline balancing.
+
+Counted: every matmul (linear layers and attention QK^T / PV). Not counted:
+norms, activations, RoPE, softmax (bandwidth-bound, a few percent at most).
+A backward pass costs 2x the forward; with full recompute add one forward.
+"""
+from __future__ import annotations
+
+from .configs import Arch, FluxArch, SD3Arch
+
+
+def linear(tokens: int, fan_in: int, fan_out: int) -> int:
+    return 2 * tokens * fan_in * fan_out
+
+
+def attention_core(q_tokens: int, kv_tokens: int, hidden: int) -> int:
+    return 2 * 2 * q_tokens * kv_tokens * hidden  # QK^T and PV
+
+
+def mmdit_block(batch: int, s_img: int, s_txt: int, hidden: int, *, context_pre_only=False, dual=False) -> int:
+    h, s = hidden, s_img + s_txt
+    f = linear(batch, h, (9 if dual else 6) * h) + linear(batch, h, (2 if context_pre_only else 6) * h)  # adaLN
+    f += linear(batch * s, h, 3 * h)  # QKV of both streams
+    f += attention_core(batch * s, s, h)
+    f += linear(batch * s_img, h, h) + linear(batch * s_img, h, 4 * h) + linear(batch * s_img, 4 * h, h)
+    if not context_pre_only:
+        f += linear(batch * s_txt, h, h) + linear(batch * s_txt, h, 4 * h) + linear(batch * s_txt, 4 * h, h)
+    if dual:
+        f += linear(batch * s_img, h, 3 * h) + attention_core(batch * s_img, s_img, h) + linear(batch * s_img, h, h)
+    return f
+
+
+def flux_single_block(batch: int, s: int, hidden: int) -> int:
+    h = hidden
+    return (
+        linear(batch, h, 3 * h)
+        + linear(batch * s, h, 3 * h)
+        + attention_core(batch * s, s, h)
+        + linear(batch * s, h, 4 * h)
+        + linear(batch * s, 5 * h, h)
+    )
+
+
+def block_costs(arch: Arch, batch: int, s_img: int, s_txt: int) -> list[int]:
+    """Forward FLOPs of each block in global order."""
+    h = arch.hidden_size
+    if isinstance(arch, FluxArch):
+        return [mmdit_block(batch, s_img, s_txt, h)] * arch.num_layers + [
+            flux_single_block(batch, s_img + s_txt, h)
+        ] * arch.num_single_layers
+    return [
+        mmdit_block(
+            batch, s_img, s_txt, h, context_pre_only=i == arch.num_layers - 1, dual=i in arch.dual_attention_layers
+        )
+        for i in range(arch.num_layers)
+    ]
+
+
+def embed_flops(arch: Arch, batch: int, s_img: int, s_txt: int) -> tuple[int, int]:
+    """(first-stage embedders, last-stage output layer) forward FLOPs."""
+    h = arch.hidden_size
+    cond = linear(batch, 256, h) * (3 if getattr(arch, "guidance_embeds", False) else 2) + linear(
+        batch, arch.pooled_projection_dim, h
+    ) + linear(batch, h, h) * 2
+    if isinstance(arch, FluxArch):
+        first = linear(batch * s_img, arch.in_channels, h) + linear(batch * s_txt, arch.joint_attention_dim, h)
+    else:
+        first = linear(batch * s_img, arch.in_channels * arch.patch_size**2, h) + linear(
+            batch * s_txt, arch.joint_attention_dim, h
+        )
+    last = linear(batch, h, 2 * h) + linear(batch * s_img, h, arch.out_dim)
+    return first + cond, last
+
+
+def forward_flops(arch: Arch, batch: int, s_img: int, s_txt: int) -> int:
+    first, last = embed_flops(arch, batch, s_img, s_txt)
+    return first + sum(block_costs(arch, batch, s_img, s_txt)) + last
+
+
+def image_tokens(arch: Arch, latent_h: int, latent_w: int) -> int:
+    """Image tokens of a latent: FLUX packs 2x2, SD3 patchifies by patch_size."""
+    p = 2 if isinstance(arch, FluxArch) else arch.patch_size
+    return (latent_h // p) * (latent_w // p)
