@@ -68,8 +68,8 @@ class DiTBase(MegatronModule):
         return local_name
 
     def tensors(self):
-        """(local name, tensor) for every parameter and persistent buffer."""
-        return self.state_dict(keep_vars=True).items()
+        """(local name, tensor) for every parameter and persistent buffer (not TE/FP8 extra state)."""
+        return [(k, v) for k, v in self.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")]
 
     # ---- canonical <-> local
     def local_from_canonical(self, canonical: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
@@ -78,8 +78,6 @@ class DiTBase(MegatronModule):
         used, missing = [], []
         with torch.no_grad():
             for name, t in self.tensors():
-                if name.endswith("_extra_state"):
-                    continue
                 key = self.global_name(name)
                 if key not in canonical:
                     missing.append(key)
@@ -91,7 +89,7 @@ class DiTBase(MegatronModule):
         return used
 
     def canonical_keys(self) -> list[str]:
-        return [self.global_name(n) for n, _ in self.tensors() if not n.endswith("_extra_state")]
+        return [self.global_name(n) for n, _ in self.tensors()]
 
     # ---- distributed checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -100,8 +98,6 @@ class DiTBase(MegatronModule):
         dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         out = {}
         for name, t in self.tensors():
-            if name.endswith("_extra_state"):
-                continue
             key = prefix + self.global_name(name)
             split = getattr(t, "tensor_model_parallel", False)
             # one writer per tensor: replica (0, 0, 0) saves; PP-replicated embedders count pp_rank

@@ -1,0 +1,95 @@
+"""One model in one megatron-core distributed checkpoint directory (a "role checkpoint").
+
+Layout of DIR:
+    DIR/senseflow_model.json    {"format": 1, "arch": {...}, "dtype": "bfloat16"}  (written last)
+    DIR/...                     megatron dist_checkpointing files (torch_dist), keys = canonical keys
+
+Keys are the canonical names of models/base.py (global block indices, TP=1
+shapes), so a directory written at one TP/PP layout loads at any other; the
+converters write the same format from diffusers weights. The JSON sidecar
+lets a load refuse another architecture with one sentence instead of a
+shape error from deep inside torch.distributed.checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from .base import DiTBase
+from .configs import Arch, arch_from_dict, arch_to_dict
+
+META_NAME = "senseflow_model.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the requested model, in one sentence."""
+
+
+def write_meta(directory: str | Path, arch: Arch, dtype: torch.dtype) -> None:
+    meta = {"format": FORMAT, "arch": arch_to_dict(arch), "dtype": str(dtype).replace("torch.", "")}
+    path = Path(directory) / META_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} is not a senseflow model checkpoint (no {META_NAME}); "
+            "convert diffusers weights with `senseflow convert import` first."
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')}, this build reads format {FORMAT}.")
+    return meta
+
+
+def checkpoint_arch(directory: str | Path) -> Arch:
+    return arch_from_dict(read_meta(directory)["arch"])
+
+
+def check_arch(directory: str | Path, arch: Arch, allow_guidance_drop: bool = False) -> None:
+    """Refuse a checkpoint of another architecture, naming the first field that differs."""
+    saved = arch_to_dict(checkpoint_arch(directory))
+    want = arch_to_dict(arch)
+    for k in sorted(set(saved) | set(want)):
+        if saved.get(k) == want.get(k):
+            continue
+        if allow_guidance_drop and k == "guidance_embeds" and saved.get(k) and not want.get(k):
+            continue  # the SenseFlow FLUX student is FLUX.1-dev without its guidance embedder
+        raise CheckpointError(
+            f"{directory} holds a {saved['family']} model with {k}={saved.get(k)!r}, "
+            f"but this run builds {want['family']} with {k}={want.get(k)!r}; check model.preset / model.arch."
+        )
+
+
+def save_model(model: DiTBase, arch: Arch, directory: str | Path) -> None:
+    """Collective over all ranks that hold parts of the model."""
+    directory = Path(directory)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_meta(directory, arch, next(model.parameters()).dtype)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model(model: DiTBase, arch: Arch, directory: str | Path, allow_guidance_drop: bool = False) -> None:
+    """Load a role checkpoint into this rank's part of `model` (any TP/PP layout)."""
+    check_arch(directory, arch, allow_guidance_drop)
+    # keys the model does not ask for (a dropped guidance embedder) are simply not read
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]} after load.")
