@@ -30,6 +30,14 @@ def transformer_config(
     use_cpu_initialization: bool | None = None,
 ) -> TransformerConfig:
     num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+    if arch.num_attention_heads % tp:
+        divs = [d for d in range(1, arch.num_attention_heads + 1) if arch.num_attention_heads % d == 0]
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide {arch.family.upper()}'s {arch.num_attention_heads} "
+            f"attention heads; use one of {', '.join(map(str, divs))}."
+        )
+    if pp > num_blocks:
+        raise ValueError(f"pipeline parallel size {pp} exceeds the model's {num_blocks} blocks.")
     cfg = TransformerConfig(
         num_layers=num_blocks,
         hidden_size=arch.hidden_size,

@@ -78,7 +78,7 @@ def microbatches(batch: dict, n: int) -> list[dict]:
     return out
 
 
-def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_split=None):
+def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_split=None, recompute="none"):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from models import build_model, hf_mapping, transformer_config
@@ -99,7 +99,7 @@ def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_s
     ref_params = dict(ref.named_parameters())
     ref_grads = dict(hf_mapping.hf_to_ours(arch, lambda k: ref_params[k].grad if k in ref_params else torch.zeros(1)))
 
-    cfg = transformer_config(arch, tp=env.tp, pp=env.pp, sequence_parallel=sequence_parallel)
+    cfg = transformer_config(arch, tp=env.tp, pp=env.pp, sequence_parallel=sequence_parallel, recompute=recompute)
     model = build_model(arch, cfg, tokens=(latent_hw[0] * latent_hw[1] // 4, num_txt), pp_split=pp_split)
     ref_sd = ref.state_dict()
     model.local_from_canonical(dict(hf_mapping.hf_to_ours(arch, ref_sd.__getitem__)))
@@ -195,3 +195,10 @@ def test_explicit_pipeline_split_inside_double_blocks():
     # stage 0: double blocks 0-1; stage 1: double block 2 + both single blocks
     results = run_distributed(_parity_body, 2, "flux-dev", (6, 8), 7, pp_split=[2, 3], pp=2)
     check(results, "flux-dev")
+
+
+@pytest.mark.parametrize("variant,recompute", [("flux-dev", "full"), ("sd35-medium", "full"), ("flux-dev", "selective")])
+def test_activation_recompute_keeps_outputs_and_grads(variant, recompute):
+    latent = (6, 10) if VARIANTS[variant][0] == "tiny-sd3" else (6, 8)
+    results = run_distributed(_parity_body, 2, variant, latent, 7, recompute=recompute, tp=2)
+    check(results, variant)

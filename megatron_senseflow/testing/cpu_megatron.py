@@ -18,6 +18,9 @@ What it covers, and why each piece is needed (megatron-core 0.16.1 paths):
 - The CUDA RNG tracker (tensor_parallel/random.py) forks a CUDA generator for
   TP-split initialisation and dropout; `CpuRNGStatesTracker` keeps the same
   interface (add / fork / get_states / set_states / reset) on CPU generator states.
+- Activation recompute (tensor_parallel/random.py CheckpointFunction) stashes
+  and restores the CUDA RNG state through `torch.cuda.random.get_rng_state`
+  and `_set_cuda_rng_state`; both are pointed at the CPU generator.
 - The optimizers (optimizer/optimizer.py, optimizer/distrib_optimizer.py,
   optimizer/clip_grads.py) dispatch on `param.type() == 'torch.cuda.FloatTensor'`;
   the function mode reports CPU tensors' legacy type string with `.cuda.`.
@@ -179,9 +182,12 @@ def install() -> None:
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     cuda.manual_seed = lambda seed: None
     cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
 
     from megatron.core.tensor_parallel import random as mp_random
 
+    # activation recompute (CheckpointFunction) saves and restores the "CUDA" RNG state
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # initialize_rng_tracker(force_reset=True), called by model_parallel_cuda_manual_seed,
@@ -194,3 +200,16 @@ def install() -> None:
 
 def installed() -> bool:
     return _INSTALLED
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run plain-torch code (a reference model in a benchmark) without the CUDA->CPU function mode."""
+    if _MODE is None:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()

@@ -1,0 +1,21 @@
+"""TransformerEngine pieces of the `te` layer spec (GPU only; imported by models/specs.py on demand).
+
+The joint attention of MMDiT needs no mask: TE's fused attention runs it as
+plain self-attention over the [text; image] sequence in sbhd layout, which is
+exactly the q/k/v_SBND our attention module produces after RoPE.
+"""
+from __future__ import annotations
+
+from megatron.core.extensions.transformer_engine import TEDotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class TECoreAttention(TEDotProductAttention):
+    """Our core-attention interface (q, k, v) -> o_SB(ND) on top of megatron's TE attention."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config=config, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+
+    def forward(self, q_SBND, k_SBND, v_SBND):
+        out = super().forward(q_SBND, k_SBND, v_SBND, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
+        return out.reshape(out.shape[0], out.shape[1], -1)
