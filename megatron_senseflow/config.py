@@ -152,11 +152,11 @@ class DiscriminatorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the trainable heads."""
     dinov2: str = "tiny"
-    """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config."""
-    clip: str = "tiny"
-    """Local path of a CLIP ViT-L/14 text model, or 'tiny'."""
+    """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config.
+    The text condition is the pooled CLIP embedding every batch already carries (FLUX: CLIP-L; SD3: CLIP-L+G)."""
     vae: str | None = None
-    """Local path of the diffusers VAE that decodes latents for the discriminator; None = tiny VAE."""
+    """Local path of the diffusers VAE (AutoencoderKL) that decodes latents; None or 'pixel' = exact
+    space-to-depth codec for pixel-space models (demo, tests)."""
     feature_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
     """DINOv2 blocks whose features feed the heads (0-based)."""
     image_size: int = 224
@@ -257,8 +257,8 @@ class LoggingConfig:
     """Scalars every N iterations."""
     image_every: int = 500
     """4-step sample grids for the fixed prompts every N iterations (0 disables)."""
-    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a city at night"])
-    """Fixed prompts of the image grids."""
+    peak_tflops: float | None = None
+    """Per-GPU peak TFLOP/s for MFU; None = look up the GPU model (H100/H200/A100...), no MFU on CPU."""
 
 
 @dataclass(kw_only=True)

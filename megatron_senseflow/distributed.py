@@ -7,11 +7,10 @@ TP/PP/CP/DP groups and seeds the RNGs.
 
 Seeds. Weight init uses `seed + 100 * pp_rank` on every rank (identical across
 DP and TP, as megatron does; TP-split weights draw from the model-parallel RNG
-tracker). Training noise comes from `noise_generator()`: its seed depends on the
-data-parallel rank only, so every TP/PP rank of one replica draws the same noise
-for the same sample (stages of one pipeline must agree on x_t and its target),
-while replicas draw different noise (otherwise DP ranks would all learn from
-one noise draw).
+tracker). Training noise does not come from these global generators at all:
+it is drawn per global sample (rng.py), so every TP/PP rank of one replica
+draws the same noise for the same sample, replicas draw different noise, and
+the draws do not depend on the layout.
 """
 from __future__ import annotations
 
@@ -197,13 +196,6 @@ def current_env(device: torch.device | None = None, backend: str | None = None) 
         cp_rank=ps.get_context_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
-
-
-def noise_generator(seed: int, env: DistEnv, stream: int = 0) -> torch.Generator:
-    """RNG for training noise: same on every TP/PP/CP rank of a replica, different across DP ranks."""
-    g = torch.Generator(device=env.device)
-    g.manual_seed((seed * 1_000_003 + env.dp_rank * 7919 + stream * 104_729) % (2**63 - 1))
-    return g
 
 
 def destroy_distributed() -> None:

@@ -32,10 +32,9 @@ def test_single_process_defaults():
 
 
 def _groups_and_noise(env):
-    from megatron_senseflow.distributed import noise_generator
+    from megatron_senseflow.rng import BatchRandom, sample_ids
 
-    g = noise_generator(7, env)
-    noise = torch.randn(4, generator=g)
+    noise = BatchRandom(7, 0, 3, sample_ids(3, 2 * env.dp, env.dp_rank, 2)).randn(4)
     init = torch.randn(3)  # global RNG: weight init stream
     return {"tp_rank": env.tp_rank, "dp_rank": env.dp_rank, "noise": noise, "init": init, "backend": env.backend}
 
@@ -52,3 +51,15 @@ def test_tp2_dp2_groups_and_rng_streams():
     assert not torch.equal(by[(0, 0)]["noise"], by[(1, 0)]["noise"])
     # weight init draws agree everywhere (same seed across DP and TP)
     assert all(torch.equal(r["init"], res[0]["init"]) for r in res)
+
+
+def test_per_sample_streams_do_not_depend_on_layout():
+    from megatron_senseflow.rng import BatchRandom, sample_ids
+
+    whole = BatchRandom(5, 0, 9, sample_ids(9, 4, 0, 4)).randn(3)
+    halves = [BatchRandom(5, 0, 9, sample_ids(9, 4, r, 2)).randn(3) for r in range(2)]
+    assert torch.equal(whole, torch.cat(halves))
+    rnd = BatchRandom(5, 0, 9, sample_ids(9, 4, 0, 4))
+    a = torch.cat([rnd.sub(slice(0, 2)).randn(3), rnd.sub(slice(2, 4)).randn(3)])
+    assert torch.equal(a, whole)  # microbatch slices draw what the whole batch draws
+    assert not torch.equal(whole, BatchRandom(5, 0, 10, sample_ids(10, 4, 0, 4)).randn(3))

@@ -1,0 +1,58 @@
+"""Latent <-> image codecs: the frozen, differentiable decoder the GAN term and samples go through.
+
+- `DiffusersVAE`: diffusers AutoencoderKL from a local path, with the model's
+  shift/scale (latent = (z - shift) * scale), as the data encoder writes it.
+- `SpaceToDepth`: an exact, parameter-free codec for pixel-space models (the
+  digits demo and tests): an s x s pixel block becomes s*s channels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SpaceToDepth(nn.Module):
+    def __init__(self, factor: int = 2, image_channels: int = 1):
+        super().__init__()
+        self.factor = factor
+        self.image_channels = image_channels
+        self.latent_channels = image_channels * factor * factor
+
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images_BCHW, self.factor)
+
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents_BCHW, self.factor)
+
+
+class DiffusersVAE(nn.Module):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True).eval().requires_grad_(False)
+        self.scale = float(self.vae.config.scaling_factor)
+        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.latent_channels = self.vae.config.latent_channels
+        self.image_channels = self.vae.config.out_channels
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(images_BCHW.to(self.vae.dtype)).latent_dist.mode()
+        return (z - self.shift) * self.scale
+
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        z = latents_BCHW.to(self.vae.dtype) / self.scale + self.shift
+        return self.vae.decode(z).sample
+
+
+def build_codec(spec: str | None, latent_channels: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """'pixel' / None: SpaceToDepth sized to the model's latent channels; otherwise a local VAE path."""
+    if spec in (None, "pixel"):
+        for factor in (1, 2, 4):
+            for image_channels in (3, 1):
+                if image_channels * factor * factor == latent_channels:
+                    return SpaceToDepth(factor, image_channels)
+        raise ValueError(f"no pixel codec gives {latent_channels} latent channels; set discriminator.vae to a VAE path.")
+    return DiffusersVAE(spec, dtype)

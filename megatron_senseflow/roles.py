@@ -1,0 +1,323 @@
+"""Roles on this rank: a DiT pipeline stage with, when trainable, Megatron DDP + optimizer + LR schedule.
+
+Generator, fake score and teacher are built with the same TP/PP layout, so
+their local shards line up elementwise (IDA needs no communication).
+
+A role offers two calls; both take full local-batch tensors that every rank
+of the replica holds, so the algorithm in methods.py is written once:
+- `forward(...)`: no-grad velocity, returned on every pipeline stage
+  (PP > 1: megatron's forward-only schedule, then a broadcast from the last stage);
+- `loss_backward(..., loss_fn)`: forward with grad, `loss_fn(v, sl)` on the
+  last stage, backward (PP > 1: megatron's 1F1B schedule over microbatches).
+
+Tensor legend: x latents [B, C, H, W], sigma [B], text [B, L, D], pooled [B, P].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from models.configs import Arch, FluxArch
+from models.flux import image_ids, pack_latents, text_ids, unpack_latents
+
+LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Denoiser:
+    """The one place that turns (latent, sigma) into a family's model inputs and its output into velocity."""
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        self.is_flux = isinstance(arch, FluxArch)
+
+    def kwargs(self, x, sigma, text, pooled, guidance=None) -> dict:
+        if self.is_flux:
+            h, w = x.shape[-2:]
+            kw = dict(
+                hidden_states=pack_latents(x),
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=sigma,
+                img_ids=image_ids(h, w, x.device),
+                txt_ids=text_ids(text.shape[1], x.device),
+            )
+            if self.arch.guidance_embeds:
+                if guidance is None:
+                    raise ValueError("this FLUX model embeds guidance; pass a guidance scale per sample.")
+                kw["guidance"] = guidance
+            return kw
+        # SD3.x takes the timestep on diffusers' 0..1000 scale
+        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma * 1000,
+                    num_txt=text.shape[1])
+
+    def velocity(self, out, x) -> torch.Tensor:
+        if self.is_flux:
+            return unpack_latents(out, *x.shape[-2:])
+        return out
+
+    def seq_length(self, x, text) -> int:
+        p = 2 if self.is_flux else self.arch.patch_size
+        return text.shape[1] + (x.shape[-2] // p) * (x.shape[-1] // p)
+
+
+@dataclass
+class Role:
+    name: str
+    arch: Arch
+    module: torch.nn.Module  # models.DiTBase: this rank's pipeline stage
+    ddp: torch.nn.Module | None = None
+    optimizer: object | None = None
+    scheduler: object | None = None
+    num_microbatches: int = 1
+    forward_calls: int = field(default=0, init=False)
+    backward_calls: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.denoiser = Denoiser(self.arch)
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.ddp if self.ddp is not None else self.module
+
+    # ------------------------------------------------------------------ no grad
+    @torch.no_grad()
+    def forward(self, x, sigma, text, pooled, guidance=None) -> torch.Tensor:
+        self.forward_calls += 1
+        if self.pp == 1:
+            out = self.model(**self.denoiser.kwargs(x, sigma, text, pooled, guidance))
+            return self.denoiser.velocity(out, x)
+        outs: list[torch.Tensor] = []
+
+        def loss_fn(v, sl):
+            outs.append(v.detach())
+            return v.new_zeros(()), {}
+
+        self._schedule(x, sigma, text, pooled, guidance, loss_fn, forward_only=True)
+        v = torch.cat(outs) if outs else torch.empty_like(x)
+        return _from_last_stage(v)
+
+    # ------------------------------------------------------------------ with grad
+    def loss_backward(self, x, sigma, text, pooled, guidance, loss_fn: LossFn) -> dict[str, float]:
+        """Accumulate this role's grads of loss_fn; returns the loss terms (batch means) on every rank."""
+        self.forward_calls += 1
+        self.backward_calls += 1
+        if self.pp == 1:
+            out = self.model(**self.denoiser.kwargs(x, sigma, text, pooled, guidance))
+            loss, logs = loss_fn(self.denoiser.velocity(out, x), slice(None))
+            loss.backward()
+            return {k: float(v) for k, v in logs.items()}
+        stats = self._schedule(x, sigma, text, pooled, guidance, loss_fn, forward_only=False)
+        return _objects_from_last_stage(stats)
+
+    def _schedule(self, x, sigma, text, pooled, guidance, loss_fn: LossFn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b, m = x.shape[0], self.num_microbatches
+        if b % m:
+            raise ValueError(f"local batch {b} is not divisible into {m} microbatches.")
+        mbs = b // m
+        slices = [slice(i * mbs, (i + 1) * mbs) for i in range(m)]
+
+        def forward_step(it, model):
+            sl = next(it)
+            g = guidance[sl] if guidance is not None else None
+            out = model(**self.denoiser.kwargs(x[sl], sigma[sl], text[sl], pooled[sl], g))
+
+            def on_last_stage(o):
+                return loss_fn(self.denoiser.velocity(o, x[sl]), sl)
+
+            return out, on_last_stage
+
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(slices),
+            model=[self.model],
+            num_microbatches=m,
+            seq_length=self.denoiser.seq_length(x, text),
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        if not ps.is_pipeline_last_stage() or forward_only:
+            return None
+        keys = results[0].keys() if results else []
+        return {k: float(sum(float(r[k]) for r in results) / len(results)) for k in keys}
+
+    # ------------------------------------------------------------------ optimizer
+    def zero_grad(self):
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, float]:
+        """Reduce grads (DP, TP-replicated norms, PP-replicated embedders), clip, AdamW, LR schedule."""
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp])
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def _objects_from_last_stage(obj):
+    box = [obj]
+    dist.broadcast_object_list(
+        box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+    )
+    return box[0]
+
+
+# ---------------------------------------------------------------------- building
+
+
+def build_role(
+    name: str,
+    arch: Arch,
+    tconfig,
+    *,
+    spec: str,
+    pp_split: list[int] | None,
+    tokens: tuple[int, int],
+    optimizer_cfg=None,
+    parallel=None,
+    max_steps: int = 1,
+    num_microbatches: int = 1,
+    init_fn=None,
+) -> Role:
+    """A role with its model stage; trainable when `optimizer_cfg` is given (Megatron DDP + optimizer).
+
+    `init_fn(module)` loads weights before DDP and the optimizer copy them into
+    their buffers and fp32 main weights.
+    """
+    from models import build_model
+
+    module = build_model(arch, tconfig, spec=spec, pp_split=pp_split, tokens=tokens)
+    if init_fn is not None:
+        init_fn(module)
+    if optimizer_cfg is None:
+        module.requires_grad_(False).eval()
+        return Role(name, arch, module, num_microbatches=num_microbatches)
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp = DistributedDataParallel(
+        config=tconfig,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            use_distributed_optimizer=parallel.distributed_optimizer,
+            check_for_nan_in_grad=False,  # the trainer's NaN guard decides what to do
+        ),
+        module=module,
+    )
+    o = optimizer_cfg
+    bf16 = tconfig.params_dtype == torch.bfloat16
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.betas[0],
+            adam_beta2=o.betas[1],
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=parallel.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(max_steps, o.warmup_steps + 1),
+        lr_decay_style="constant",
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(max_steps, 1),
+        wd_incr_style="constant",
+    )
+    return Role(name, arch, module, ddp=ddp, optimizer=optimizer, scheduler=scheduler, num_microbatches=num_microbatches)
+
+
+# ---------------------------------------------------------------------- IDA / EMA
+
+
+def main_param_shards(optimizer) -> list[torch.Tensor]:
+    """fp32 master copies an optimizer keeps apart from the model weights (empty for pure fp32 training).
+
+    Megatron's distributed optimizer keeps this rank's shard of fp32 main weights
+    for bf16 params (`shard_fp32_from_float16_groups`); the non-distributed mixed-
+    precision optimizer keeps whole copies (`fp32_from_float16_groups`). fp32
+    params are updated in place through views, so they have no separate copy.
+    """
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    out: list[torch.Tensor] = []
+    for opt in opts:
+        for attr in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
+            for group in getattr(opt, attr, []) or []:
+                out.extend(group)
+    return out
+
+
+@torch.no_grad()
+def ida_blend(fake: Role, generator: Role, lam: float) -> float:
+    """phi <- lam * phi + (1 - lam) * theta on this rank's shards, model weights and fp32 main copies.
+
+    Blending only the (bf16) model weights would be undone by the fake score's
+    next optimizer step, which writes its own fp32 main copy back. Returns
+    ||phi - theta||^2 of the local shard after blending (for logging).
+    """
+    f_params = list(fake.module.parameters())
+    g_params = list(generator.module.parameters())
+    if [p.shape for p in f_params] != [p.shape for p in g_params]:
+        raise RuntimeError("IDA needs generator and fake score with identical layouts.")
+    sq = 0.0
+    for pf, pg in zip(f_params, g_params):
+        pf.mul_(lam).add_(pg, alpha=1 - lam)
+        sq += float((pf.float() - pg.float()).square().sum())
+    f_main, g_main = main_param_shards(fake.optimizer), main_param_shards(generator.optimizer)
+    if len(f_main) != len(g_main) or any(a.shape != b.shape for a, b in zip(f_main, g_main)):
+        raise RuntimeError("IDA needs generator and fake score optimizers with identical main-weight shards.")
+    for mf, mg in zip(f_main, g_main):
+        mf.mul_(lam).add_(mg, alpha=1 - lam)
+    return sq
+
+
+class EMA:
+    """fp32 exponential moving average of this rank's generator shards."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module):
+        for s, p in zip(self.shadow, module.parameters()):
+            s.mul_(self.decay).add_(p.float(), alpha=1 - self.decay)
+
+    def state(self) -> list[torch.Tensor]:
+        return self.shadow

@@ -1,0 +1,58 @@
+"""`senseflow train CONFIG [overrides...] [--nproc N]`.
+
+One process per GPU. Under torchrun or srun the launcher's variables are
+used; `--nproc N` starts N local processes through torch.distributed.run
+(CPU runs use gloo). Rerunning the same command with the same
+train.output_dir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="recipe YAML path or bundled recipe name (tiny, flux_dev, sd35_large, sd35_medium)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.max_steps=100")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start (ignored under torchrun/srun)")
+
+
+def _launched() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes
+    if args.nproc > 1 and not _launched():
+        cfg.validate(world_size=args.nproc)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "megatron_senseflow.train_cli", args.config, *args.overrides]
+        return subprocess.call(cmd)
+    from .distributed import destroy_distributed, init_distributed
+    from .trainer import run_training
+
+    env = init_distributed(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+    try:
+        return run_training(cfg, env)
+    finally:
+        destroy_distributed()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="senseflow train", description=__doc__)
+    add_arguments(p)
+    from .config import ConfigError
+
+    try:
+        return run(p.parse_args())
+    except ConfigError as e:
+        print(f"senseflow train: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

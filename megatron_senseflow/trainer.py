@@ -1,0 +1,446 @@
+"""The training loop: builds the roles from one config, runs the objective, checkpoints, monitors.
+
+Narrow hooks: `train_step(step, batch)` is one iteration of the objective
+(methods.py); `run()` adds data, the NaN guard, signals, checkpoints and
+logging around it. Everything a resumed run needs to repeat the uninterrupted
+one bit for bit on CPU is in the step checkpoint (checkpoint.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+
+from models import transformer_config
+from models.checkpoint_io import load_model, save_model, write_meta
+from models.configs import FluxArch
+from models.flops import forward_flops, image_tokens
+
+from . import flow
+from .checkpoint import CheckpointManager
+from .codec import build_codec
+from .config import Config, dump_config
+from .data_source import build_data_source
+from .discriminator import DiffAugment, VFMDiscriminator, build_dinov2
+from .distributed import DistEnv
+from .methods import OBJECTIVES, Discriminator
+from .monitor import Monitor, device_peak_tflops, image_grid
+from .rng import BatchRandom, sample_ids
+from .roles import EMA, build_role
+from .sampling import sample_student
+
+PREEMPTED_MARKER = "PREEMPTED"
+FINISHED_MARKER = "FINISHED"
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot continue (e.g. repeated non-finite losses); the message says why and what to try."""
+
+
+def latent_geometry(cfg: Config, codec) -> tuple[int, int]:
+    """(latent channels, latent side) of the data at cfg.data.resolution."""
+    arch = cfg.model.teacher_arch()
+    channels = arch.in_channels // 4 if isinstance(arch, FluxArch) else arch.in_channels
+    down = codec.factor
+    side = cfg.data.resolution // down
+    return channels, side
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, force_two_pass: bool = False):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.train.output_dir)
+        self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+        self.dev = env.device
+        c = cfg
+        self.t_arch, self.s_arch = c.model.teacher_arch(), c.model.student_arch()
+
+        self.codec = build_codec(c.roles.discriminator.vae, self._latent_channels(), torch.float32).to(self.dev)
+        self.latent_channels, self.latent_side = latent_geometry(c, self.codec)
+        self.num_img = image_tokens(self.t_arch, self.latent_side, self.latent_side)
+        tokens = (self.num_img, c.data.text_max_length)
+        self.local_batch = c.data.micro_batch_size * c.parallel.num_microbatches
+
+        def tconf(arch, recompute):
+            return transformer_config(arch, tp=c.parallel.tp, pp=c.parallel.pp, sequence_parallel=c.parallel.sequence_parallel,
+                                      params_dtype=self.dtype, recompute=recompute)
+
+        common = dict(spec=c.model.spec, pp_split=c.parallel.pp_split, tokens=tokens, parallel=c.parallel,
+                      max_steps=c.train.max_steps, num_microbatches=c.parallel.num_microbatches)
+        self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none"), **common)
+        self._init_teacher()
+        init = self._student_init
+        self.G = build_role("generator", self.s_arch, tconf(self.s_arch, c.model.recompute),
+                            optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
+        self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute),
+                            optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
+        self.ema = EMA(self.G.module, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
+
+        self.global_batch = self.local_batch * env.dp
+        self.D = self._build_discriminator() if c.roles.discriminator.enabled and c.method != "sid" else None
+        self.taus = flow.anchors(c.distill.num_steps, c.distill.shift or flow.default_shift(self.t_arch.family, self.num_img))
+        self.objective = OBJECTIVES[c.method](c, self.G, self.F, self.T, self.D, self.taus, force_two_pass)
+
+        self.data = build_data_source(c, env, self.latent_channels, self.latent_side, self.t_arch, self.dev)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last)
+        self.step = 0
+        self.gen_updates = 0
+        self.nan_in_a_row = 0
+        self.nan_total = 0
+        self.fixed = None  # conditioning of the sample grids, taken from the first batch
+        self._stop_signal: str | None = None
+        self._flops = {r.name: forward_flops(r.arch, self.local_batch, self.num_img, c.data.text_max_length)
+                       for r in (self.G, self.F, self.T)}
+
+    # ------------------------------------------------------------------ building
+    def _latent_channels(self) -> int:
+        arch = self.cfg.model.teacher_arch()
+        return arch.in_channels // 4 if isinstance(arch, FluxArch) else arch.in_channels
+
+    def _init_teacher(self):
+        path = self.cfg.roles.teacher.checkpoint
+        if path:
+            load_model(self.T.module, self.t_arch, path)
+
+    def _student_init(self, module):
+        """Generator and fake score start as the teacher (FLUX: without its guidance embedder)."""
+        path = self.cfg.roles.teacher.checkpoint
+        if path:
+            load_model(module, self.s_arch, path, allow_guidance_drop=True)
+            return
+        teacher = dict(self.T.module.named_parameters())
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(teacher[name])
+
+    def _build_discriminator(self) -> Discriminator:
+        dc = self.cfg.roles.discriminator
+        dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
+        net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size)
+        net = net.to(self.dev)
+        o = dc.optimizer
+        opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                weight_decay=o.weight_decay)
+        return Discriminator(net, self.codec, opt, DiffAugment(dc.diffaug), o.clip_grad)
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, batch: dict) -> dict[str, float]:
+        c, obj = self.cfg, self.objective
+        if self.D is not None and "image" not in batch:
+            with torch.no_grad():  # shards without pixels: the real image is the decoded real latent
+                batch["image"] = self.codec.decode(batch["latent"].float())
+        ids = sample_ids(self.step, self.global_batch, self.env.dp_rank, self.local_batch)
+        obj.begin(BatchRandom(c.train.seed, 0, self.step, ids, self.dev), BatchRandom(c.train.seed, 1, self.step, ids, self.dev))
+        st = obj.student_input(batch)
+        obj.reference_maps(st)
+        logs: dict[str, float] = {}
+        if self.step % c.distill.ttur == 0:
+            v0 = obj.generator_update(st)
+            if self._all_finite(st.logs, "gen/"):
+                ok, gnorm = self.G.step()
+                logs["gen/grad_norm"], logs["gen/lr"] = gnorm, self.G.lr()
+                self.gen_updates += 1
+                sq = obj.ida()
+                if sq is not None:
+                    logs["ida/phi_minus_theta"] = math.sqrt(self._sum_over_model_parallel(sq))
+                if self.ema is not None:
+                    self.ema.update(self.G.module)
+            else:
+                self.G.zero_grad()
+                logs["nan/skipped_gen"] = 1.0
+        else:
+            v0 = obj.g_velocity(st, st.x_tau, st.tau)
+        st.x0_hat = flow.x0_from_v(st.x_tau, st.tau, v0).detach()
+
+        obj.fake_update(st)
+        if self._all_finite(st.logs, "fake/"):
+            _, fnorm = self.F.step()
+            logs["fake/grad_norm"], logs["fake/lr"] = fnorm, self.F.lr()
+        else:
+            self.F.zero_grad()
+            logs["nan/skipped_fake"] = 1.0
+
+        if self.D is not None:
+            self.D.optimizer.zero_grad(set_to_none=True)
+            loss = obj.discriminator_loss(st)
+            if self._all_finite(st.logs, "disc/"):
+                loss.backward()
+                self._reduce_discriminator_grads()
+                logs["disc/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.D.net.trainable_parameters(), self.D.clip_grad))
+                self.D.optimizer.step()
+            else:
+                logs["nan/skipped_disc"] = 1.0
+        logs.update(st.logs)
+        return logs
+
+    def _all_finite(self, logs: dict, prefix: str) -> bool:
+        """One decision for all ranks: a skipped step must be skipped everywhere or collectives hang."""
+        vals = [float(v) for k, v in logs.items() if k.startswith(prefix)]
+        flag = torch.tensor([1.0 if all(math.isfinite(v) for v in vals) else 0.0], device=self.dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _mean_over_dp(self, logs: dict) -> dict:
+        """Loss terms as global-batch means (each DP rank logged its own samples)."""
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)))
+        t = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return {**logs, **{k: float(v) / self.env.dp for k, v in zip(keys, t.tolist())}}
+
+    def _sum_over_model_parallel(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, group=ps.get_model_parallel_group())
+        return float(t.item())
+
+    def _reduce_discriminator_grads(self):
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.D.net.trainable_parameters() if p.grad is not None]
+        if not grads or self.env.dp == 1:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=ps.get_data_parallel_group())
+        flat /= self.env.dp
+        for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        c = self.cfg
+        resumed = self._maybe_resume()
+        self.monitor = Monitor(self.out, self.env.is_main, c.logging.tensorboard, resume_step=self.step)
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(c))
+            for m in (PREEMPTED_MARKER, FINISHED_MARKER):
+                (self.out / m).unlink(missing_ok=True)
+            print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
+                  f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
+                  + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
+        self._install_signal_handlers()
+        data_iter = iter(self.data)
+        t_last, last_step = time.time(), self.step
+        try:
+            while self.step < c.train.max_steps:
+                batch = next(data_iter)
+                if self.fixed is None:
+                    self.fixed = {k: batch[k][: min(4, self.local_batch)].clone() for k in ("text", "pooled")}
+                logs = self.train_step(batch)
+                self.step += 1
+                self._nan_guard(logs)
+                if c.logging.log_every and self.step % c.logging.log_every == 0:
+                    now = time.time()
+                    logs = self._mean_over_dp(logs)
+                    logs.update(self._perf(now - t_last, self.step - last_step))
+                    t_last, last_step = now, self.step
+                    self.monitor.scalars(self.step, logs)
+                if c.logging.image_every and self.step % c.logging.image_every == 0:
+                    self.log_samples()
+                stop = self._stop_requested()
+                if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or stop or self.step == c.train.max_steps:
+                    self.save()
+                if stop:
+                    self._marker(PREEMPTED_MARKER, f"{stop} at step {self.step}")
+                    if self.env.is_main:
+                        print(f"[senseflow] {stop}: saved step {self.step}, exiting for requeue", flush=True)
+                    return 0
+            self._marker(FINISHED_MARKER, f"step {self.step}")
+            return 0
+        finally:
+            self.monitor.close()
+
+    def _nan_guard(self, logs: dict):
+        skipped = any(k.startswith("nan/") for k in logs)
+        if skipped:
+            self.nan_in_a_row += 1
+            self.nan_total += 1
+            bad = {k: v for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)}
+            if self.env.is_main:
+                print(f"[senseflow] step {self.step}: non-finite loss {bad}; update skipped "
+                      f"({self.nan_in_a_row} in a row)", flush=True)
+                self.monitor.text(self.step, "nan", f"non-finite loss {bad}; update skipped")
+            if self.nan_in_a_row >= self.cfg.train.nan_max_consecutive:
+                raise TrainingAborted(
+                    f"{self.nan_in_a_row} consecutive steps had non-finite losses (last at step {self.step}: {bad}); "
+                    f"the last checkpoint is intact. Lower the learning rates or check the data, then rerun."
+                )
+        else:
+            self.nan_in_a_row = 0
+        logs["nan/total_skipped"] = float(self.nan_total)
+
+    def _perf(self, seconds: float, steps: int) -> dict[str, float]:
+        e = self.env
+        flops = 0.0
+        for r in (self.G, self.F, self.T):
+            bwd = 3.0 if self.cfg.model.recompute == "full" and r.trainable else 2.0
+            flops += self._flops[r.name] * (r.forward_calls + bwd * r.backward_calls)
+            r.forward_calls = r.backward_calls = 0
+        per_gpu = flops / (e.tp * e.pp) / max(seconds, 1e-9)
+        out = {
+            "perf/samples_per_s": self.local_batch * e.dp * steps / max(seconds, 1e-9),
+            "perf/step_time_s": seconds / max(steps, 1),
+            "perf/tflops_per_gpu": per_gpu / 1e12,
+        }
+        peak = self.cfg.logging.peak_tflops or device_peak_tflops(self.dev)
+        if peak:
+            out["perf/mfu"] = per_gpu / 1e12 / peak
+        if self.dev.type == "cuda":
+            out["mem/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        else:
+            import psutil
+
+            out["mem/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+        return out
+
+    @torch.no_grad()
+    def log_samples(self):
+        """4-step stochastic and Euler samples of the fixed conditioning into TensorBoard."""
+        if self.fixed is None:
+            return
+        text, pooled = self.fixed["text"], self.fixed["pooled"]
+        g = torch.Generator(device=self.dev).manual_seed(self.cfg.train.seed)
+        noise = torch.randn(text.shape[0], self.latent_channels, self.latent_side, self.latent_side,
+                            generator=g, device=self.dev)
+        rows = []
+        for mode in ("stochastic", "euler"):
+            x0 = sample_student(lambda x, s: self.G.forward(x, s, text, pooled, None), noise, self.taus, mode, g)
+            rows.append(self.codec.decode(x0.float()))
+        self.monitor.images(self.step, "samples/stochastic_top_euler_bottom", image_grid(torch.cat(rows), text.shape[0]))
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        if not self.cfg.checkpoint.save_on_signal:
+            return
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> str | None:
+        """Signals reach ranks at different times; stop when any rank has one, all at the same step."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            return self._stop_signal or "signal"
+        return None
+
+    def _marker(self, name: str, text: str):
+        if self.env.is_main:
+            (self.out / name).write_text(text + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self):
+        path = self.ckpt.save(self.step, self._write_checkpoint)
+        if self.env.is_main:
+            print(f"[senseflow] saved {path}", flush=True)
+
+    def _optim_meta(self):
+        return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+    def _write_checkpoint(self, tmp: Path):
+        for role in (self.G, self.F):
+            save_model(role.module, role.arch, tmp / role.name)
+            odir = tmp / f"{role.name}_optim"
+            if self.env.is_main:
+                odir.mkdir()
+            dist.barrier()
+            sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), metadata=self._optim_meta())
+            dist_checkpointing.save(sd, str(odir))
+        if self.ema is not None:
+            self._save_ema(tmp / "ema")
+        if self.env.is_main and self.D is not None:
+            torch.save({"heads": self.D.net.heads.state_dict(), "optimizer": self.D.optimizer.state_dict()},
+                       tmp / "discriminator.pt")
+        loader_state = self._global_loader_state()
+        if self.env.is_main:
+            state = {
+                "step": self.step,
+                "gen_updates": self.gen_updates,
+                "nan_in_a_row": self.nan_in_a_row,
+                "nan_total": self.nan_total,
+                "schedulers": {r.name: r.scheduler.state_dict() for r in (self.G, self.F)},
+                "loader": loader_state,
+                "world": {"tp": self.env.tp, "pp": self.env.pp, "dp": self.env.dp},
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            (tmp / "config.yaml").write_text(dump_config(self.cfg))
+            if self.fixed is not None:
+                torch.save(self.fixed, tmp / "fixed_samples.pt")
+
+    def _save_ema(self, directory: Path):
+        sharded = self.G.module.sharded_state_dict()
+        by_param = {id(p): s for p, s in zip(self.G.module.parameters(), self.ema.state())}
+        sd = {k: dataclasses.replace(v, data=by_param[id(v.data)]) for k, v in sharded.items() if id(v.data) in by_param}
+        if self.env.is_main:
+            directory.mkdir()
+        dist.barrier()
+        dist_checkpointing.save(sd, str(directory))
+        if self.env.is_main:
+            write_meta(directory, self.s_arch, torch.float32)
+
+    def _global_loader_state(self):
+        states = [None] * self.env.world_size
+        dist.all_gather_object(states, (self.env.dp_rank, self.data.state_dict()))
+        per_dp = dict(states)  # ranks of one replica hold the same position
+        return self.data.merge_states([per_dp[r] for r in range(self.env.dp)])
+
+    def _maybe_resume(self) -> bool:
+        self.ckpt.clean_partial()
+        latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return False
+        self.load(latest)
+        return True
+
+    def load(self, path: Path):
+        state = json.loads((path / "trainer_state.json").read_text())
+        for role in (self.G, self.F):
+            load_model(role.module, role.arch, path / role.name)
+            sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), is_loading=True,
+                                                   metadata=self._optim_meta())
+            role.optimizer.load_state_dict(dist_checkpointing.load(sd, str(path / f"{role.name}_optim")))
+            role.scheduler.load_state_dict(state["schedulers"][role.name])
+        if self.ema is not None and (path / "ema").is_dir():
+            sharded = self.G.module.sharded_state_dict()
+            by_param = {id(p): s for p, s in zip(self.G.module.parameters(), self.ema.state())}
+            sd = {k: dataclasses.replace(v, data=by_param[id(v.data)]) for k, v in sharded.items() if id(v.data) in by_param}
+            loaded = dist_checkpointing.load(sd, str(path / "ema"))
+            for k, v in sd.items():
+                v.data.copy_(loaded[k])
+        if self.D is not None and (path / "discriminator.pt").is_file():
+            d = torch.load(path / "discriminator.pt", map_location=self.dev, weights_only=True)
+            self.D.net.heads.load_state_dict(d["heads"])
+            self.D.optimizer.load_state_dict(d["optimizer"])
+        self.step = state["step"]
+        self.gen_updates = state["gen_updates"]
+        self.nan_in_a_row, self.nan_total = state["nan_in_a_row"], state["nan_total"]
+        self.data.load_state_dict(state["loader"])
+        if state["world"] != {"tp": self.env.tp, "pp": self.env.pp, "dp": self.env.dp} and self.env.is_main:
+            print(f"[senseflow] resuming {path} (saved at {state['world']}) on tp={self.env.tp} pp={self.env.pp} "
+                  f"dp={self.env.dp}; weights and optimizer states are resharded at load.", flush=True)
+        fixed = path / "fixed_samples.pt"
+        if fixed.is_file():
+            self.fixed = torch.load(fixed, map_location=self.dev, weights_only=True)
+
+
+def run_training(cfg: Config, env: DistEnv) -> int:
+    cfg.validate(world_size=env.world_size)
+    trainer = Trainer(cfg, env)
+    try:
+        return trainer.run()
+    except TrainingAborted as e:
+        if env.is_main:
+            print(f"senseflow train: {e}", flush=True)
+        return 3
+
+
