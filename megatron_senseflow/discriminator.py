@@ -37,7 +37,6 @@ def build_dinov2(spec: str, image_size: int, num_layers: int) -> nn.Module:
             patch_size=4,
             image_size=image_size,
         )
-        torch.manual_seed(0)  # the same frozen random features on every rank
         return Dinov2Model(cfg)
     return Dinov2Model.from_pretrained(spec, local_files_only=True)
 
@@ -151,9 +150,23 @@ class VFMDiscriminator(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.dinov2.eval()  # frozen backbone: no dropout / stat updates ever
-        return self
+        # Always eval: the backbone is frozen, and spectral norm must not advance its
+        # power iteration on every forward (ranks run different numbers of forwards,
+        # e.g. only the last pipeline stage evaluates the GAN term); see advance_spectral_norm.
+        return super().train(False)
+
+    @torch.no_grad()
+    def advance_spectral_norm(self):
+        """One power iteration of every spectral-normalised weight; once per discriminator update, on all ranks."""
+        from torch.nn.utils import parametrize
+
+        for m in self.heads.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                for p in m.parametrizations.weight:
+                    p.train()
+                _ = m.weight
+                for p in m.parametrizations.weight:
+                    p.eval()
 
     def trainable_parameters(self):
         return self.heads.parameters()

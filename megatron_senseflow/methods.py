@@ -128,15 +128,18 @@ class Objective:
         )
         eps = self._randn(x0)
         x_real = flow.noise(x0, eps, st.tau)
-        # backward simulation: G from pure noise down to tau_i, fresh noise at each re-noise
+        # backward simulation: G from pure noise down to tau_i, fresh noise at each re-noise.
+        # Every sample draws all its noises up front, so its stream does not depend on
+        # how far the other samples of this (layout-dependent) local batch simulate.
         x_sim = self._randn(x0)
+        renoise = [self._randn(x0) for _ in range(k - 1)]
         for step in range(k - 1):
             active = use_sim & (idx > step)
             if not bool(active.any()):
-                break  # the same decision on every rank of the replica: same rng stream
+                break  # the same decision on every rank of the replica (same samples)
             sigma = torch.full((b,), self.taus[step], device=x0.device)
             x0_sim = flow.x0_from_v(x_sim, sigma, self.g_velocity(st, x_sim, sigma))
-            renoised = flow.noise(x0_sim, self._randn(x0), torch.full_like(sigma, self.taus[step + 1]))
+            renoised = flow.noise(x0_sim, renoise[step], torch.full_like(sigma, self.taus[step + 1]))
             x_sim = torch.where(flow.bcast(active, x0).bool(), renoised, x_sim)
         st.x_tau = torch.where(flow.bcast(use_sim, x0).bool(), x_sim, x_real)
         st.logs["backward_sim_fraction"] = float(use_sim.float().mean())

@@ -8,6 +8,8 @@ Sample `i` of iteration `step` draws from its own generator seeded by
 - all TP/PP ranks of one replica hold the same samples and draw the same noise;
 - resuming needs no RNG state: (seed, step) says it all, on any layout;
 - splitting a batch into pipeline microbatches does not change any draw.
+This holds only if every sample makes the same draws whatever the rest of its
+local batch does: draw unconditionally, then select.
 Draws happen on the CPU and move to the device; a few per sample and step.
 """
 from __future__ import annotations

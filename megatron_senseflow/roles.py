@@ -133,7 +133,9 @@ class Role:
             out = model(**self.denoiser.kwargs(x[sl], sigma[sl], text[sl], pooled[sl], g))
 
             def on_last_stage(o):
-                return loss_fn(self.denoiser.velocity(o, x[sl]), sl)
+                loss, logs = loss_fn(self.denoiser.velocity(o, x[sl]), sl)
+                # the schedule divides `loss` in place by the microbatch count; logs must not alias it
+                return loss, {k: v.detach().clone() for k, v in logs.items()}
 
             return out, on_last_stage
 
@@ -169,6 +171,22 @@ class Role:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def prime_optimizer_state(self) -> None:
+        """Give every parameter an (empty) AdamW state so a checkpoint can be loaded into it.
+
+        Megatron's distributed optimizer builds its sharded state dict from the
+        live state, which torch's AdamW only creates at the first step.
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state[p]
+                    if not st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _from_last_stage(t: torch.Tensor) -> torch.Tensor:

@@ -123,9 +123,13 @@ class Trainer:
 
     def _build_discriminator(self) -> Discriminator:
         dc = self.cfg.roles.discriminator
-        dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
-        net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size)
-        net = net.to(self.dev)
+        # every rank holds the same replicated discriminator: its init must not depend on
+        # how much of the global RNG stream each rank's model stage consumed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
+            net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size)
+        net = net.to(self.dev).eval()
         o = dc.optimizer
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
@@ -170,6 +174,7 @@ class Trainer:
 
         if self.D is not None:
             self.D.optimizer.zero_grad(set_to_none=True)
+            self.D.net.advance_spectral_norm()
             loss = obj.discriminator_loss(st)
             if self._all_finite(st.logs, "disc/"):
                 loss.backward()
@@ -406,6 +411,7 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         for role in (self.G, self.F):
             load_model(role.module, role.arch, path / role.name)
+            role.prime_optimizer_state()
             sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), is_loading=True,
                                                    metadata=self._optim_meta())
             role.optimizer.load_state_dict(dist_checkpointing.load(sd, str(path / f"{role.name}_optim")))

@@ -144,7 +144,23 @@ def build_model(
         raise TypeError(f"unknown architecture {type(arch).__name__}")
     if config.params_dtype != torch.float32:
         model.to(config.params_dtype)
+    _sync_pipeline_replicated(model)
     return model
+
+
+def _sync_pipeline_replicated(model: DiTBase) -> None:
+    """Embedders present on every stage start from the first stage's values (each stage
+    seeds its init differently); a later checkpoint load overwrites them all alike."""
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    src = ps.get_pipeline_model_parallel_first_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    with torch.no_grad():
+        for p in model.parameters():
+            if getattr(p, "pipeline_parallel", False) and p.device.type != "meta":
+                dist.broadcast(p.data, src=src, group=group)
 
 
 def replace_arch(arch: Arch, **changes) -> Arch:

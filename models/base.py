@@ -45,6 +45,8 @@ class DiTBase(MegatronModule):
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        # read by finalize_model_grads: no word embedding is tied across our stages
+        self.share_embeddings_and_output_weights = False
         self.layout = layout
         self.pre_process = layout.pre_process
         self.post_process = layout.post_process
