@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import braceexpand
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 from webdataset.writer import TarWriter
 
 from megatron_senseflow.config import ConfigError
@@ -41,6 +42,7 @@ PROGRESS = "_progress"
 FORMAT = "senseflow-shards"
 VERSION = 1
 TAR_BLOCK = 512
+META_NAME = re.compile(rf"{meta_prefix}[^/]*{meta_suffix}($|/)")  # webdataset's metadata members, skipped as it does
 
 
 class ShardError(ConfigError):
@@ -76,29 +78,36 @@ class ShardReadError(Exception):
 
 
 def iter_samples(url: str) -> Iterator[TarSample]:
-    """The samples of one tar in order; raises ShardReadError after the last complete one if the tar breaks."""
+    """The samples of one tar in order; raises ShardReadError after the last complete one if the tar breaks.
+
+    A sample is complete once the next member's header names another key, so
+    the header is looked at before the member's data is read: a tar that
+    breaks inside sample i still yields samples 0..i-1.
+    """
     try:
         stream = gopen(url, "rb")
     except OSError as e:
         raise ShardReadError(0, bad.UNREADABLE, e) from None
     index, current = 0, None
     try:
-        for f in tar_file_iterator(stream):
-            key, ext = base_plus_ext(f["fname"])
-            if key is None:
-                if current is not None:
-                    current.notes.append((bad.UNKNOWN_KEY, f["fname"]))
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or META_NAME.match(info.name):
                 continue
-            if current is None or key != current.key:
+            key, ext = base_plus_ext(info.name)
+            if key is not None and (current is None or key != current.key):
                 if current is not None:
                     yield current
                     index += 1
                 current = TarSample(index, key)
-            ext = ext.lower()
-            if ext in current.members:
-                current.notes.append((bad.DUPLICATE_KEY, f["fname"]))
+            data = tar.extractfile(info).read()
+            tar.members = []  # a streamed tar keeps every header otherwise
+            if current is None:
                 continue
-            current.members[ext] = f["data"]
+            if key is None or ext.lower() in current.members:
+                current.notes.append((bad.UNKNOWN_KEY if key is None else bad.DUPLICATE_KEY, info.name))
+                continue
+            current.members[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # the sample being read when the tar broke is incomplete: it is not yielded
         raise ShardReadError(index, bad.TRUNCATED_TAR, e) from None
