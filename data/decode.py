@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from megatron_senseflow.config import ConfigError, DataConfig
 
@@ -45,6 +44,7 @@ class SampleSpec:
     known: frozenset[str] = frozenset()
 
     def decode(self, sample) -> dict[str, Any]:
+        """prompt, the .npy arrays, and the image as uint8 [3, H, W]; raises Skip for a bad sample."""
         m = sample.members
         big = [ext for ext, v in m.items() if len(v) > MAX_MEMBER_BYTES]
         if big:
@@ -60,7 +60,7 @@ class SampleSpec:
         else:
             target = None
         if self.want_image:
-            out["image"] = torch.from_numpy(_image(m, self.buckets, target))
+            out["image"] = _image(m, self.buckets, target)
         return out
 
 
@@ -90,7 +90,7 @@ def _image(m: dict[str, bytes], buckets: Buckets, target: tuple[int, int] | None
         raise Skip(bad.UNDECODABLE, f"{ext}: {type(e).__name__}: {e}") from None
 
 
-def _array(m: dict[str, bytes], member: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+def _array(m: dict[str, bytes], member: str, shape: tuple[int | None, ...]) -> np.ndarray:
     if member not in m:
         raise Skip(bad.MISSING_FIELD, f"no {member} member")
     try:
@@ -104,7 +104,7 @@ def _array(m: dict[str, bytes], member: str, shape: tuple[int | None, ...]) -> t
         raise Skip(bad.BAD_SHAPE, f"{member} is {arr.dtype} {list(arr.shape)}, expected float {want}")
     if not np.isfinite(arr).all():
         raise Skip(bad.NON_FINITE, f"{member} holds NaN or inf")
-    return torch.from_numpy(arr.astype(np.float32, copy=False))
+    return arr  # in its stored dtype: float16 text embeddings cross to the main process at half the size
 
 
 def sample_spec(cfg: DataConfig, shards: ShardSet) -> SampleSpec:

@@ -302,7 +302,7 @@ class _ShardEncoder:
             problems.append({"reason": e.reason, "where": url, "detail": f"after {e.index} samples: {e}"})
 
     def _flush(self, group: list, sink: ShardSink, problems: list[dict[str, Any]], name: str) -> None:
-        images = torch.stack([d["image"] for _, d in group]).float().div_(127.5).sub_(1.0)
+        images = torch.from_numpy(np.stack([d["image"] for _, d in group])).float().div_(127.5).sub_(1.0)
         latents = self.latent.encode(images).numpy()
         text, pooled = (t.numpy() for t in self.text.encode([d["prompt"] for _, d in group]))
         dtype = TEXT_DTYPES[self.s.text_dtype]

@@ -19,7 +19,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MIN_SIDE = 16
 MAX_SIDE = 16384
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # where PIL itself refuses to decode
-SIZE_MULTIPLE = 64  # bucket sides stay divisible by VAE factor x patch size of every family
+SIZE_MULTIPLE = 64
+ORIENTATION = 0x0112  # EXIF tag  # bucket sides stay divisible by VAE factor x patch size of every family
 
 
 class AbsurdImageSize(ValueError):
@@ -46,12 +47,13 @@ def load_rgb(img: Image.Image, need: tuple[int, int] | None = None) -> Image.Ima
     """Decode to RGB, honouring EXIF rotation; transparent pixels become white, not black."""
     if need is not None and img.format == "JPEG":
         img.draft("RGB", _cover_size(img.size, need))  # DCT-domain downscale: 2-8x faster on big JPEGs
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even when nothing turns
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:

@@ -140,7 +140,7 @@ class ShardSink:
 
     `close()` renames every part into place and returns [{name, count, bytes}];
     `name_of_part(i)` names part i. Members are written with mtime 0 so a
-    rerun produces the same bytes.
+    rerun produces the same bytes (an int: a float mtime costs a pax header per member).
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class ShardSink:
         self._close_part()
         name = self.name_of_part(len(self.parts))
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._writer = TarWriter(str(self._tmp), encoder=False, mtime=0.0)
+        self._writer = TarWriter(str(self._tmp), encoder=False, mtime=0)
         self.parts.append({"name": name, "count": 0})
 
     def _close_part(self) -> None:

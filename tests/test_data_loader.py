@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data.loader as loader_mod
 from data.loader import DataStateError, ShardLoader, shuffled
 from data.write import WriteSettings, write_shards
 from megatron_senseflow.config import ConfigError, DataConfig
@@ -109,11 +110,13 @@ def test_the_shuffle_is_a_function_of_what_is_left():
         assert rest == full[k:]
 
 
-@pytest.mark.parametrize("stop", [3, 9])  # 9 batches per rank cross the first epoch boundary
+# 9 batches of 2 per rank cross the first epoch boundary; batches of 3 over 2 workers stop mid-turn
+@pytest.mark.parametrize("stop,batch", [(3, 2), (9, 2), (3, 3), (5, 1)])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_the_same_dp_size_continues_exactly(corpus, stop, workers):
+def test_resume_at_the_same_dp_size_continues_exactly(corpus, stop, batch, workers, monkeypatch):
     folder, _ = corpus
-    cfg = cfg_for(folder, num_workers=workers)
+    monkeypatch.setattr(loader_mod, "CHUNK", 3)  # workers' chunks then end inside epochs of this small corpus
+    cfg = cfg_for(folder, num_workers=workers, micro_batch_size=batch)
     straight = [take(ShardLoader(cfg, r, 2), 14) for r in range(2)]
     first = [ShardLoader(cfg, r, 2) for r in range(2)]
     before = [take(ld, stop) for ld in first]
