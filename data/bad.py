@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 # Reasons, so that writer, encoder, loader and manifest agree on the names.
 TRUNCATED_TAR = "truncated_tar"  # the tar ends (or breaks) before the samples the manifest promises
@@ -27,6 +28,16 @@ EXTRA_SAMPLE = "extra_sample"  # a shard holds more samples than its manifest sa
 LOG_FIRST = 5
 
 
+@dataclass(frozen=True)
+class Problem:
+    """An input that could not be used: reason (a name above), where, detail, and how many samples it cost."""
+
+    reason: str
+    where: str
+    detail: str = ""
+    count: int = 1
+
+
 class BadDataLog:
     """Counts problems by reason and logs them (the first few each, then at 10, 100, 1000, ...)."""
 
@@ -43,8 +54,8 @@ class BadDataLog:
         elif _crossed_power_of_ten(before, after):
             self.logger.warning("%d items skipped so far for %s (latest: %s)", after, reason, where)
 
-    def merge(self, counts: dict[str, int]) -> None:
-        self.counts.update(counts)
+    def report(self, p: Problem) -> None:
+        self.record(p.reason, p.where, p.detail, p.count)
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))

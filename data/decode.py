@@ -1,4 +1,4 @@
-"""Decoding one shard sample into tensors, with every check that makes a bad sample a counted skip.
+"""Decoding one shard sample into arrays, with every check that makes a bad sample a counted skip.
 
 Members are decoded by extension from a fixed table: images by PIL, `.txt`
 as UTF-8, and `.npy` by numpy with allow_pickle=False. Nothing else is ever
@@ -20,6 +20,7 @@ from .imageops import IMAGE_EXTS, AbsurdImageSize, Buckets, load_rgb, open_image
 from .shards import ShardSet
 
 MAX_MEMBER_BYTES = 1 << 30  # one member above 1 GiB is not an image or an embedding of ours
+IMAGE_SHARD_KEYS = frozenset(IMAGE_EXTS) | {"txt", "json"}  # the members of a sample the writer makes
 
 
 class Skip(Exception):
@@ -42,6 +43,7 @@ class SampleSpec:
     latent_scale: int = 8
     """Image pixels per latent pixel (the VAE's downsampling factor)."""
     known: frozenset[str] = frozenset()
+    """Member extensions that are ours; any other member is reported as unknown and never decoded."""
 
     def decode(self, sample) -> dict[str, Any]:
         """prompt, the .npy arrays, and the image as uint8 [3, H, W]; raises Skip for a bad sample."""
@@ -53,7 +55,7 @@ class SampleSpec:
         for name, member, shape in self.arrays:
             out[name] = _array(m, member, shape)
         if self.arrays:
-            c, h, w = out["latent"].shape
+            _, h, w = out["latent"].shape
             target = (w * self.latent_scale, h * self.latent_scale)
             if target not in self.buckets.sizes:
                 raise Skip(bad.BAD_SHAPE, f"latent {h}x{w} decodes to {target[0]}x{target[1]} px, not a size of these shards")
@@ -112,11 +114,9 @@ def sample_spec(cfg: DataConfig, shards: ShardSet) -> SampleSpec:
     man = shards.manifest
     ratios = tuple(man.get("ratios", (1.0,)))
     enc = man.get("encoder")
-    keys = set(IMAGE_EXTS) | {"txt", "json"}
-    if enc:
-        keys |= {enc["latent_key"], enc["text_key"], enc["pooled_key"]}
+    keys = IMAGE_SHARD_KEYS | ({enc["latent_key"], enc["text_key"], enc["pooled_key"]} if enc else set())
     if not cfg.encoded:
-        return SampleSpec(Buckets(cfg.resolution, ratios), want_image=True, known=frozenset(keys))
+        return SampleSpec(Buckets(cfg.resolution, ratios), want_image=True, known=keys)
     if man.get("kind") != "encoded":
         raise ConfigError(
             f"data.path={cfg.path} holds image shards but data.encoded=true; "
@@ -143,5 +143,5 @@ def sample_spec(cfg: DataConfig, shards: ShardSet) -> SampleSpec:
         want_image=cfg.real_images,
         arrays=arrays,
         latent_scale=enc["vae_scale_factor"],
-        known=frozenset(keys),
+        known=keys,
     )

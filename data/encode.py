@@ -40,7 +40,8 @@ import torch
 from megatron_senseflow.config import ConfigError, DataConfig
 
 from . import bad
-from .decode import Skip, sample_spec
+from .bad import Problem
+from .decode import IMAGE_SHARD_KEYS, Skip, sample_spec
 from .shards import JobDir, ShardReadError, ShardSet, ShardSink, iter_samples
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class _ShardEncoder:
         self.batch_size = batch_size
 
     def __call__(self, url: str, name: str) -> dict[str, Any]:
-        problems: list[dict[str, Any]] = []
+        problems: list[Problem] = []
         sink = ShardSink(self.out, lambda part: name)
         pending: dict[tuple, list] = {}
         try:
@@ -289,20 +290,20 @@ class _ShardEncoder:
             sink.abort()
             raise
         # an input whose samples were all bad still gets a record, but lists no shard
-        return {"job": name, "shards": [p for p in parts if p["count"]], "problems": problems}
+        return {"job": name, "shards": [p for p in parts if p["count"]], "problems": [asdict(p) for p in problems]}
 
-    def _decoded(self, url: str, problems: list[dict[str, Any]]):
+    def _decoded(self, url: str, problems: list[Problem]):
         try:
             for sample in iter_samples(url):
                 try:
                     yield sample, self.spec.decode(sample)
                 except Skip as e:
-                    problems.append({"reason": e.reason, "where": f"{url}:{sample.key}", "detail": e.detail})
+                    problems.append(Problem(e.reason, f"{url}:{sample.key}", e.detail))
         except ShardReadError as e:
-            problems.append({"reason": e.reason, "where": url, "detail": f"after {e.index} samples: {e}"})
+            problems.append(Problem(e.reason, url, f"after {e.index} samples: {e}"))
 
-    def _flush(self, group: list, sink: ShardSink, problems: list[dict[str, Any]], name: str) -> None:
-        images = torch.from_numpy(np.stack([d["image"] for _, d in group])).float().div_(127.5).sub_(1.0)
+    def _flush(self, group: list, sink: ShardSink, problems: list[Problem], name: str) -> None:
+        images = torch.from_numpy(np.stack([d["image"] for _, d in group]).astype(np.float32) / 127.5 - 1.0)
         latents = self.latent.encode(images).numpy()
         text, pooled = (t.numpy() for t in self.text.encode([d["prompt"] for _, d in group]))
         dtype = TEXT_DTYPES[self.s.text_dtype]
@@ -310,9 +311,9 @@ class _ShardEncoder:
             arrays = {LATENT_KEY: latents[i], self.text.text_key: text[i].astype(dtype), self.text.pooled_key: pooled[i].astype(dtype)}
             broken = [k for k, a in arrays.items() if not np.isfinite(a).all()]
             if broken:
-                problems.append({"reason": bad.NON_FINITE, "where": f"{name}:{sample.key}", "detail": f"{broken[0]} has NaN/inf"})
+                problems.append(Problem(bad.NON_FINITE, f"{name}:{sample.key}", f"{broken[0]} has NaN/inf"))
                 continue
-            kept = {k: v for k, v in sample.members.items() if k in ("jpg", "jpeg", "png", "webp", "txt", "json")}
+            kept = {k: v for k, v in sample.members.items() if k in IMAGE_SHARD_KEYS}
             sink.write({"__key__": sample.key, **kept, **{k: _npy(a) for k, a in arrays.items()}})
 
 
@@ -337,16 +338,20 @@ def encode_shards(
     )
     names = source.names
     jobdir = JobDir(out, {"settings": asdict(s), "jobs": len(names), "fingerprint": source.fingerprint})
+    jobdir.check(missing_ok=True)  # every rank refuses a mismatched folder before anyone waits at the barrier
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         jobdir.begin()
     barrier()
     jobdir.check()
     encode_one = _ShardEncoder(s, text, latent, spec, out, batch_size)
+    report = bad.BadDataLog(log)
     for j in range(rank, len(names), world):
         if not jobdir.done(j):
             record = {**encode_one(source.urls[j], names[j]), "rank": rank}
             jobdir.record(j, record)
+            for p in record["problems"]:
+                report.report(Problem(**p))
             log.info("rank %d encoded %s (%d samples)", rank, names[j], sum(p["count"] for p in record["shards"]))
     barrier()
     if rank != 0:
@@ -358,9 +363,7 @@ def _finish(jobdir: JobDir, s: EncodeSettings, source: ShardSet, text: TextEncod
     from safetensors.torch import save_file
 
     records = jobdir.records(len(source.names))
-    report = bad.BadDataLog(log)
-    for p in (p for r in records for p in r["problems"]):
-        report.record(p["reason"], p["where"], p["detail"])
+    skipped = bad.add_counts(*({p["reason"]: p["count"]} for r in records for p in r["problems"]))
     shards = [part for r in records for part in r["shards"]]
     empty_text, empty_pooled = text.encode([""])
     save_file({"text": empty_text[0].contiguous(), "pooled": empty_pooled[0].contiguous()}, str(out / EMPTY_PROMPT))
@@ -390,11 +393,11 @@ def _finish(jobdir: JobDir, s: EncodeSettings, source: ShardSet, text: TextEncod
         "settings": asdict(s),
         "num_samples": written,
         "shards": shards,
-        "stats": {"inputs": source.num_samples, "written": written, "skipped": report.as_dict()},
+        "stats": {"inputs": source.num_samples, "written": written, "skipped": skipped},
     }
     jobdir.write_manifest(manifest)
     log.info("encoded %d of %d samples into %d shards in %s; skipped %s",
-             written, source.num_samples, len(shards), out, report.as_dict())
+             written, source.num_samples, len(shards), out, skipped)
     return manifest
 
 

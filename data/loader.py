@@ -16,8 +16,9 @@ the manifest, samples by their place in the tar. Epoch e permutes all shards
 with (seed, e); DP rank r takes every dp_size-th shard of that order from r
 on, and its worker w every num_workers-th of those. The split depends on the
 DP rank only, so all TP/PP/CP ranks of one replica read the same samples.
-Each worker streams its shards through a shuffle buffer and moves to the next
-epoch by itself; DataLoader hands out its items strictly round-robin.
+Each worker streams its shards through a shuffle buffer, moves to the next
+epoch by itself, and hands its items over in chunks cut at every CHUNK-th
+pick; DataLoader serves the workers' chunks strictly in turn.
 
 Position. A sample is consumed when it leaves in a batch (a skipped bad
 sample when it is dropped). The position is, per epoch, the set of consumed
@@ -34,7 +35,10 @@ and the shuffle is a pure function of what is left. The buffer keeps items
 in stream order and its k-th pick is hash(seed, epoch, rank, worker, k) mod
 its length; after k picks it holds the first `shuffle_buffer` unconsumed
 items of the worker's stream, and k is the number of consumed samples in
-the worker's shards, so both are rebuilt from the position alone. Hence:
+the worker's shards, so both are rebuilt from the position alone, and so
+are the chunk cuts. Whose turn is next is the one thing the sets do not
+tell; the merged state keeps it per rank for a loader of the same layout.
+Hence:
   * same DP size and workers: every rank continues with exactly the batches
     an uninterrupted run would have produced;
   * another DP size or number of workers: the unconsumed samples of each open
@@ -47,9 +51,10 @@ but the order after a resume may differ from the uninterrupted run's.
 Bad data (truncated tars, undecodable or absurdly sized images, missing
 captions or fields, wrong shapes, NaN/inf arrays, unknown members) is
 skipped, counted in `stats()` and the state, and logged (see `data.bad`).
-Members are decoded by extension from a fixed table: images by PIL, text,
-JSON, and `.npy` with allow_pickle=False. Nothing else is ever decoded, so a
-`.pyd`/`.pth`/`.pickle` member is counted as unknown and left alone.
+Members are decoded by extension from a fixed table (`data.decode`): images
+by PIL, captions as UTF-8, `.npy` with allow_pickle=False. Nothing else is
+ever decoded, so a `.pyd`/`.pth`/`.pickle` member is counted as unknown and
+left alone.
 """
 from __future__ import annotations
 
@@ -315,6 +320,8 @@ class ShardLoader:
             raise ConfigError(f"dp_rank={dp_rank} must lie in 0..{dp_size - 1} for dp_size={dp_size}.")
         if cfg.micro_batch_size < 1:
             raise ConfigError(f"data.micro_batch_size={cfg.micro_batch_size} must be at least 1.")
+        if cfg.seed < 0:
+            raise ConfigError(f"data.seed={cfg.seed} must not be negative; numpy seeds the shard order with it.")
         self.cfg = cfg
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.shards = ShardSet.open(cfg.path)
@@ -341,7 +348,7 @@ class ShardLoader:
         self._num_samples = 0
         self._bad_in_a_row = 0
 
-    def _start(self) -> Iterator[dict[str, Any]]:
+    def _start(self) -> Iterator[list[dict[str, Any]]]:
         spec = _StreamSpec(
             urls=self.shards.urls,
             counts=self.shards.counts,
@@ -355,11 +362,11 @@ class ShardLoader:
             samples=self.samples,
             first_worker=self._next_worker(),
         )
-        self._served = (spec.first_worker - 1) % self.num_workers
-        chunks = iter(_Stream(spec)) if self.cfg.num_workers == 0 else iter(DataLoader(
+        if self.cfg.num_workers == 0:
+            return iter(_Stream(spec))
+        return iter(DataLoader(
             _Stream(spec), batch_size=None, collate_fn=_as_is, num_workers=self.num_workers, worker_init_fn=_worker_init
         ))
-        return chunks
 
     def _next_item(self) -> dict[str, Any]:
         if not self._chunk:

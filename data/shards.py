@@ -90,7 +90,10 @@ def iter_samples(url: str) -> Iterator[TarSample]:
         raise ShardReadError(0, bad.UNREADABLE, e) from None
     index, current = 0, None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except tarfile.TarError as e:
+            raise ShardReadError(0, bad.UNREADABLE, e) from None
         for info in tar:
             if not info.isreg() or META_NAME.match(info.name):
                 continue
@@ -102,7 +105,8 @@ def iter_samples(url: str) -> Iterator[TarSample]:
                 current = TarSample(index, key)
             data = tar.extractfile(info).read()
             tar.members = []  # a streamed tar keeps every header otherwise
-            if current is None:
+            if current is None:  # nothing to attach a note to
+                log.warning("%s: member %s before the first sample has no extension; skipped", url, info.name)
                 continue
             if key is None or ext.lower() in current.members:
                 current.notes.append((bad.UNKNOWN_KEY if key is None else bad.DUPLICATE_KEY, info.name))
@@ -216,16 +220,19 @@ class JobDir:
 
     def begin(self) -> None:
         """Record the plan (or check it against an earlier run's) and drop temporary files of a crashed run."""
+        self.check(missing_ok=True)
         self.progress.mkdir(parents=True, exist_ok=True)
         if not (self.progress / "plan.json").exists():
             write_json_atomic(self.progress / "plan.json", self.plan)
-        self.check()
         for stale in self.out.glob(".*.tmp"):
             stale.unlink()
 
-    def check(self) -> None:
-        """Raise unless the folder was started with this plan."""
-        earlier = json.loads((self.progress / "plan.json").read_text())
+    def check(self, missing_ok: bool = False) -> None:
+        """Raise unless the folder was started with this plan (or, with missing_ok, not started at all)."""
+        plan_file = self.progress / "plan.json"
+        if missing_ok and not plan_file.exists():
+            return
+        earlier = json.loads(plan_file.read_text())
         if earlier != self.plan:
             changed = sorted(k for k in set(earlier) | set(self.plan) if earlier.get(k) != self.plan.get(k))
             raise ShardError(

@@ -28,6 +28,7 @@ from webdataset.tariterators import base_plus_ext
 from megatron_senseflow.config import ConfigError
 
 from . import bad
+from .bad import Problem
 from .imageops import IMAGE_EXTS, AbsurdImageSize, open_image
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,6 @@ class SourceItem:
     width: int | None = None
     height: int | None = None
     aesthetic: float | None = None
-
-
-@dataclass(frozen=True)
-class Problem:
-    """An input that could not be read: reason (a `data.bad` name), where, detail, and how many samples it cost."""
-
-    reason: str
-    where: str
-    detail: str = ""
-    count: int = 1
 
 
 @dataclass

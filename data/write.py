@@ -31,7 +31,8 @@ from tqdm import tqdm
 from . import bad
 from .imageops import AbsurdImageSize, Buckets, encode_jpeg, load_rgb, open_image, resize_center_crop
 from .shards import JobDir, ShardSink, fingerprint
-from .sources import Problem, SourceItem, open_source
+from .bad import Problem
+from .sources import SourceItem, open_source
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,10 @@ def run_job(job: int, items: list[SourceItem], source, s: WriteSettings, out: Pa
     return {"job": job, "shards": parts, "filtered": dict(filtered), "problems": [dataclasses.asdict(p) for p in problems]}
 
 
-def _sample_or_problem(item, data, s, problems: list[Problem]):
+def _sample_or_problem(
+    item: SourceItem, data: bytes | Exception, s: WriteSettings, problems: list[Problem]
+) -> dict[str, Any] | str | None:
+    """make_sample's result, or None after noting why the input could not be used."""
     if isinstance(data, Exception):
         problems.append(Problem(bad.UNREADABLE, item.ref, f"{type(data).__name__}: {data}"))
         return None
@@ -212,7 +216,7 @@ def write_shards(s: WriteSettings, out: str | Path, workers: int = 1) -> dict[st
     plan = make_plan(source, s, workers)
     report = bad.BadDataLog(log)
     for p in plan.problems:
-        report.record(p.reason, p.where, p.detail, p.count)
+        report.report(p)
     settings = {**dataclasses.asdict(s), "input": os.path.abspath(s.input)}
     identity = [[(i.key, i.ref, i.caption) for i in job] for job in plan.jobs]
     jobdir = JobDir(out, {"settings": settings, "jobs": len(plan.jobs), "fingerprint": fingerprint(identity)})
@@ -227,7 +231,7 @@ def write_shards(s: WriteSettings, out: str | Path, workers: int = 1) -> dict[st
     for record in _map(_run_job_in_worker, pending, workers, ordered=False):
         jobdir.record(record["job"], record)
         for p in record["problems"]:
-            report.record(p["reason"], p["where"], p["detail"], p["count"])
+            report.report(Problem(**p))
         bar.update(len(plan.jobs[record["job"]]))
     bar.close()
     return _assemble(jobdir, plan, s, settings)

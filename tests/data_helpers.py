@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import string
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,15 @@ def jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def absurd_png(w: int, h: int) -> bytes:
+    """A PNG whose header promises w x h pixels (a decompression bomb); PIL reads the size without decoding."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def save_folder(root: Path, items, meta: dict[str, dict] | None = None) -> Path:

@@ -21,8 +21,7 @@ from webdataset.writer import TarWriter
 from data.loader import ShardLoader, epoch_order
 from data.shards import FORMAT, VERSION
 from megatron_senseflow.config import ConfigError, DataConfig
-from tests.data_helpers import jpeg, real_images
-from tests.test_data_write import absurd_png
+from tests.data_helpers import absurd_png, jpeg, real_images
 
 
 class Trap:

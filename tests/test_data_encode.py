@@ -144,9 +144,13 @@ def test_encoded_shards_round_trip_into_the_loader(pipeline, image_shards, tmp_p
         ShardLoader(DataConfig(**{**cfg.__dict__, "resolution": 64}), 0, 1)
 
 
-def test_encoding_resumes_only_the_missing_shards(image_shards, tmp_path):
-    family, components = "flux", tiny_components("flux")
-    path = save_pipeline(tmp_path / "pipe", family, components)
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    return save_pipeline(tmp_path_factory.mktemp("flux-pipe"), "flux", tiny_components("flux"))
+
+
+def test_encoding_resumes_only_the_missing_shards(image_shards, flux_pipe, tmp_path):
+    family, path = "flux", flux_pipe
     src, _ = image_shards
     out = tmp_path / "encoded"
     argv = _encode_argv(src, out, path, family)
@@ -173,9 +177,8 @@ def _encode_on_rank(env, src, out, path, family):
 
 
 @pytest.mark.slow
-def test_two_ranks_encode_their_own_shards(image_shards, tmp_path):
-    family = "flux"
-    path = save_pipeline(tmp_path / "pipe", family, tiny_components(family))
+def test_two_ranks_encode_their_own_shards(image_shards, flux_pipe, tmp_path):
+    family, path = "flux", flux_pipe
     src, captions = image_shards
     out = tmp_path / "encoded"
     res = run_distributed(_encode_on_rank, 2, src, out, path, family)
@@ -187,3 +190,44 @@ def test_two_ranks_encode_their_own_shards(image_shards, tmp_path):
         assert record["rank"] == j % 2, "rank r encodes shards r, r + 2, ..."
     keys = [k for s in man["shards"] for k in _members(out / s["name"])]
     assert sorted(keys) == sorted(captions)
+
+
+class _NaNFirst(LatentEncoder):
+    """A VAE that returns NaN for the first image it ever sees."""
+
+    def __init__(self, inner: LatentEncoder):
+        self.__dict__.update(inner.__dict__)
+        self.calls = 0
+
+    def encode(self, images):
+        z = super().encode(images)
+        if self.calls == 0:
+            z[0, 0, 0, 0] = float("nan")
+        self.calls += 1
+        return z
+
+
+def test_encoder_skips_broken_inputs_and_non_finite_outputs(image_shards, flux_pipe, tmp_path):
+    import shutil
+
+    from data.encode import EncodeSettings, encode_shards
+    from data.shards import write_json_atomic
+
+    src, captions = image_shards
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    man = read_manifest(copy)
+    first = man["shards"][0]
+    with tarfile.open(copy / first["name"], "a") as tf:  # one more sample whose image does not decode
+        for name, data in (("broken.jpg", b"not a jpeg"), ("broken.txt", b"a broken picture")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    first["count"] += 1
+    write_json_atomic(copy / "manifest.json", man)
+
+    s = EncodeSettings(input=str(copy), model_path=str(flux_pipe), family="flux", text_max_length=T5_LEN)
+    text = TextEncoder.from_pretrained(flux_pipe, "flux", T5_LEN)
+    out = encode_shards(s, tmp_path / "enc", text, _NaNFirst(LatentEncoder.from_pretrained(flux_pipe)), batch_size=2)
+    assert out["stats"]["skipped"] == {"undecodable": 1, "non_finite": 1}
+    assert out["num_samples"] == len(captions) - 1 == out["stats"]["written"]

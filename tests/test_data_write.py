@@ -15,7 +15,7 @@ from data.imageops import Buckets, resize_center_crop
 from data.shards import read_manifest
 from data.write import WriteSettings, write_shards
 from megatron_senseflow.config import ConfigError
-from tests.data_helpers import SAFE_WDS_KEYS, photo, real_images, save_folder, save_img2dataset
+from tests.data_helpers import SAFE_WDS_KEYS, absurd_png, photo, real_images, save_folder, save_img2dataset
 
 
 def wds_samples(folder: Path) -> dict[str, dict]:
@@ -87,18 +87,6 @@ def test_filters_on_known_sizes_and_scores(tmp_path, policy):
     assert stats["inputs"] == 5 and stats["written"] == len(kept)
     exact = samples["000000000"]
     assert exact["json"]["aesthetic"] == 5.0 and exact["txt"] == "a square crop of an astronaut"
-
-
-def absurd_png(w: int, h: int) -> bytes:
-    """A PNG whose header promises w x h pixels (a decompression bomb); PIL reads the size without decoding."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_json_source_counts_and_logs_every_bad_input(tmp_path, caplog):
