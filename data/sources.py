@@ -73,12 +73,12 @@ def _clean_caption(text: str | None) -> str | None:
     return text or None
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _aesthetic(meta: dict) -> float | None:
-    for name in AESTHETIC_FIELDS:
-        value = meta.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+    return next((_number(meta[k]) for k in AESTHETIC_FIELDS if _number(meta.get(k)) is not None), None)
 
 
 def _probe(path: str) -> tuple[int, int]:
@@ -149,10 +149,7 @@ class JsonSource:
 
 
 def _score(scores: list | None, i: int) -> float | None:
-    if scores is None:
-        return None
-    v = scores[i]
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return None if scores is None else _number(scores[i])
 
 
 class FolderSource:

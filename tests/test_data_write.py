@@ -191,3 +191,21 @@ def test_rerun_after_a_crash_writes_only_the_missing_shards(tmp_path, monkeypatc
 
     with pytest.raises(ConfigError, match="started with other inputs or settings .*settings"):
         write_shards(WriteSettings(format="folder", input=str(src), resolution=48, min_side=256), tmp_path / "out")
+
+
+def test_aesthetic_scores_from_folder_sidecars_and_the_authors_json(tmp_path):
+    items = real_images(names=("coffee", "rocket"), variants=("full", "mirror"))
+    keys = [k for k, _, _ in items]
+    scores = dict(zip(keys, (6.0, 4.0, 5.5, None)))
+    src = save_folder(tmp_path / "src", items, meta={k: {"aesthetic": v} for k, v in scores.items() if v is not None})
+    s = dict(resolution=32, min_side=256, missing_aesthetic="drop")
+    man = write_shards(WriteSettings(format="folder", input=str(src), **s), tmp_path / "folder")
+    assert set(wds_samples(tmp_path / "folder")) == {keys[0], keys[2]}
+    assert man["stats"]["filtered"] == {"low_aesthetic": 1, "no_aesthetic": 1}
+
+    doc = src / "senseflow.json"
+    doc.write_text(json.dumps({"keys": keys, "image_paths": [f"{k}.jpg" for k in keys],
+                               "prompts": [c for _, _, c in items], "aesthetic": list(scores.values())}))
+    man = write_shards(WriteSettings(format="json", input=str(doc), **s), tmp_path / "json")
+    assert set(wds_samples(tmp_path / "json")) == {keys[0], keys[2]}
+    assert man["stats"]["filtered"] == {"low_aesthetic": 1, "no_aesthetic": 1}
