@@ -88,11 +88,11 @@ class DataConfig:
     micro_batch_size: int = 1
     """Samples per microbatch per data-parallel rank."""
     shuffle_buffer: int = 1000
-    """Samples held for shuffling; 0 disables shuffling."""
+    """Samples each loader worker holds for shuffling (raw bytes, before decoding); 0 disables shuffling."""
     num_workers: int = 2
     """Loader worker processes per rank."""
     seed: int = 1234
-    """Seed of the shard order and the shuffle; epochs reshuffle with seed + epoch."""
+    """Seed (>= 0) of the shard order and the shuffle; every epoch reshuffles with (seed, epoch)."""
     real_images: bool = True
     """Also yield the decoded real image for the discriminator."""
     text_max_length: int = 512
