@@ -1,0 +1,43 @@
+"""Shared fixtures. `slurm_cluster`: one real single-node Slurm for the whole session."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+_SLURM_TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running slurmctld + slurmd on localhost (tests/slurm_cluster.py); skips when Slurm cannot be installed."""
+    from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        if os.environ.get("SENSEFLOW_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SENSEFLOW_REQUIRE_SLURM=1 but {e}")
+        pytest.skip(f"real-Slurm tests skipped: {e}")
+    except BaseException:
+        cluster.stop()
+        raise
+    _SLURM_TIMINGS.update(cluster.timings)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLURM_TIMINGS:
+        t = _SLURM_TIMINGS
+        terminalreporter.write_line(
+            f"slurm fixture: install {t.get('install_s', 0):.1f} s (0 = already installed), "
+            f"daemons up and node idle in {t.get('start_s', 0):.1f} s"
+        )

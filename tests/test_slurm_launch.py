@@ -1,0 +1,322 @@
+"""`senseflow slurm` without a cluster: script generation, layout checks, env file, job.sh's decisions.
+
+The real thing (sbatch, srun, signals, requeue on a running slurmctld/slurmd)
+is tests/test_slurm_cluster.py; these run everywhere in well under a second each.
+"""
+from __future__ import annotations
+
+import os
+import argparse
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_senseflow import cli
+from megatron_senseflow.config import ConfigError
+from slurm import launch
+
+SLURM_DIR = Path(launch.__file__).resolve().parent
+
+
+def _spec(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser)
+    args = parser.parse_args([*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else list(argv))
+    return launch.spec_from_args(args)
+
+
+def _command_words(script: str) -> list[str]:
+    body = script.split("SENSEFLOW_CMD=(\n", 1)[1].split("\n)\n", 1)[0]
+    return subprocess.run(
+        ["bash", "-c", f"a=({body}); printf '%s\\n' \"${{a[@]}}\""], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "preset, tp, pp, template",
+    [
+        ("flux-dev", 4, 1, "flux_dev"),
+        ("sd35-large", 2, 2, "sd35_large"),
+        ("sd35-medium", 1, 1, "sd35_medium"),
+        ("tiny-flux", 2, 1, "tiny"),
+        ("sd3-medium", 2, 1, "generic"),
+    ],
+)
+def test_template_per_recipe_renders_a_valid_script(tmp_path, preset, tp, pp, template):
+    # the recipes of the big models come with the trainer; the tiny one with
+    # another preset stands in for them (templates are chosen by preset)
+    guidance = "distill.guidance_mode=" + ("embedding" if preset.startswith(("flux", "tiny-flux")) else "cfg")
+    spec = _spec(tmp_path, "tiny", f"model.preset={preset}", guidance, "--nodes", "4", "--gpus-per-node", "8", "--tp", str(tp), "--pp", str(pp), "--partition", "gpu", "--account", "proj1")
+    assert spec.template.name == template
+    text = launch.render(spec)
+    assert "{{" not in text and "}}" not in text
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # shell syntax
+    lines = text.splitlines()
+    for directive in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj1",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={tmp_path / 'out'}/logs/slurm-%j.out",
+    ):
+        assert directive in lines, directive
+    lead = int(spec.template.defaults["signal_lead"])
+    assert f"#SBATCH --signal=B:USR1@{lead}" in lines
+    # sbatch reads directives only up to the first command
+    first_cmd = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
+    assert all(i < first_cmd for i, l in enumerate(lines) if l.startswith("#SBATCH"))
+    assert f"source {SLURM_DIR}/job.sh" in lines
+    words = _command_words(text)
+    assert words[-6:] == [
+        str(launch.resolve_recipe("tiny").resolve()),
+        f"train.output_dir={tmp_path / 'out'}",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"model.preset={preset}",
+        guidance,
+    ]
+    assert words[:-6] == launch.default_entry()
+
+
+def test_default_entry_is_the_venv_senseflow_train():
+    entry = launch.default_entry()
+    assert Path(entry[0]).is_absolute()
+    assert entry[-1] == "train"
+    assert entry[0].startswith(str(Path(sys.executable).parent))  # the venv, not the resolved base python
+
+
+def test_cli_writes_script_and_prints_sbatch(tmp_path, capsys):
+    out = tmp_path / "run"
+    # overrides after the options must reach the job (argparse alone would reject them)
+    rc = cli.main(["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--tp", "2", "--cpu", "--output", str(out), "train.max_steps=3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    script = out / "job.sbatch"
+    assert f"sbatch {script}" in printed.splitlines()
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert (out / "logs").is_dir()  # sbatch needs it for --output before the job starts
+    text = script.read_text()
+    words = _command_words(text)
+    assert words[-3:] == ["parallel.pp=1", "train.device=cpu", "train.max_steps=3"]
+    assert "#SBATCH --gpus-per-node" not in text  # --cpu asks for no GPUs
+    assert "#SBATCH --exclusive" not in text  # the tiny template shares nodes
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nodes", "2", "--gpus-per-node", "8", "--tp", "4", "--pp", "3"], "2 node(s) x 8 GPUs = 16 processes is not a multiple of tp x pp = 4 x 3 = 12"),
+        (["--nodes", "1", "--gpus-per-node", "6", "--tp", "4"], "1 node(s) x 6 GPUs = 6 processes is not a multiple of tp x pp = 4 x 1 = 4"),
+        (["--nodes", "1", "--gpus-per-node", "8", "--tp", "8"], "tensor parallel size 8 does not divide FLUX's 4 attention heads; use one of 1, 2, 4."),
+        (["--nodes", "0", "--gpus-per-node", "8"], "--nodes 0 must be at least 1."),
+        (["--nodes", "1", "--gpus-per-node", "4", "--tp", "0"], "--tp 0 must be at least 1."),
+        (["--nodes", "1", "--gpus-per-node", "4", "--pp", "8"], "pipeline parallel size 8 exceeds the model's 4 blocks"),
+        (["--nodes", "1", "--gpus-per-node", "4", "--time", "1:00:00", "--signal-lead", "3550"], "--signal-lead 3550 s plus the up to 60 s by which Slurm may signal early is not shorter than the time limit 1:00:00 (3600 s)"),
+        (["--nodes", "1", "--gpus-per-node", "4", "--time", "tomorrow"], "--time 'tomorrow' is not a Slurm time limit"),
+        (["--nodes", "1", "--gpus-per-node", "4", "--template", "nope"], "no sbatch template 'nope'"),
+    ],
+)
+def test_layout_and_job_errors_name_value_and_fix(tmp_path, capsys, argv, message):
+    rc = cli.main(["slurm", "tiny", *argv, "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert err.count("\n") == 1  # one sentence, no traceback
+
+
+def test_sd35_large_tp_must_divide_38_heads(tmp_path):
+    with pytest.raises(ConfigError, match="does not divide SD3's 38 attention heads; use one of 1, 2, 19, 38"):
+        _spec(tmp_path, "tiny", "model.preset=sd35-large", "distill.guidance_mode=cfg", "--nodes", "1", "--gpus-per-node", "8", "--tp", "4")
+
+
+def test_time_limit_forms():
+    assert launch.time_limit_seconds("30") == 1800
+    assert launch.time_limit_seconds("10:30") == 630
+    assert launch.time_limit_seconds("24:00:00") == 86400
+    assert launch.time_limit_seconds("2-00") == 172800
+    assert launch.time_limit_seconds("1-02:03:04") == 93784
+
+
+def test_output_dir_with_spaces_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="contains whitespace"):
+        _spec(tmp_path, "tiny", "--nodes", "1", "--gpus-per-node", "1", "--output", str(tmp_path / "a b"))
+
+
+def test_submit_without_sbatch_says_where_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    rc = cli.main(["slurm", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--output", str(tmp_path / "o"), "--submit"])
+    assert rc == 2
+    assert "sbatch is not on PATH" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- env.sh
+
+
+def _bash(script: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_env_file_sets_defaults_and_yields_to_the_user():
+    env_sh = SLURM_DIR / "env.sh"
+    assert env_sh.is_file()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "TORCH_NCCL_", "FI_"))}
+    base.pop("OMP_NUM_THREADS", None)
+    out = _bash(f"source {env_sh}; echo $NCCL_IB_TIMEOUT $TORCH_NCCL_ASYNC_ERROR_HANDLING $NCCL_DEBUG $OMP_NUM_THREADS; bash -c 'echo $NCCL_IB_TIMEOUT'", env={**base, "SLURM_CPUS_PER_TASK": "6"})
+    assert out.split() == ["22", "1", "WARN", "6", "22"]  # exported to children (srun)
+    out = _bash(f"source {env_sh}; echo $NCCL_IB_TIMEOUT $NCCL_DEBUG", env={**base, "NCCL_IB_TIMEOUT": "19", "NCCL_DEBUG": "INFO"})
+    assert out.split() == ["19", "INFO"]
+    assert "_sf_default" not in _bash(f"source {env_sh}; declare -F", env=base)
+
+
+# --------------------------------------------------------------------------- job.sh decisions
+# job.sh with stand-in srun/scancel/scontrol on PATH that record their calls;
+# the real commands are exercised by tests/test_slurm_cluster.py.
+
+_STUBS = {
+    # srun: drop its own options, record, run the command (exec keeps the pid for scancel)
+    "srun": 'echo "srun $*" >>"$STUB_LOG"; while [ "${1#--}" != "$1" ]; do shift; done; echo $$ >"$STUB_DIR/srun.pid"; exec "$@"',
+    "scancel": 'echo "scancel $*" >>"$STUB_LOG"; kill -USR1 "$(cat "$STUB_DIR/srun.pid")"',
+    # Slurm's requeue ends the batch shell; STUB_SCONTROL_RC=1 plays a failing requeue
+    "scontrol": 'echo "scontrol $*" >>"$STUB_LOG"; [ "${STUB_SCONTROL_RC:-0}" = 0 ] || exit 1; kill -TERM $PPID',
+}
+
+
+def _job(tmp_path, command: str, restart: int = 0, max_restarts: int = 100, **extra_env):
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir(exist_ok=True)
+    for name, body in _STUBS.items():
+        p = stub_dir / name
+        p.write_text("#!/bin/bash\n" + body + "\n")
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    batch = tmp_path / "batch.sh"
+    batch.write_text(
+        f"SENSEFLOW_OUTPUT_DIR={out}\nSENSEFLOW_MAX_RESTARTS={max_restarts}\n"
+        f"SENSEFLOW_CMD=(bash -c {shlex.quote(command)})\nsource {SLURM_DIR}/job.sh\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{stub_dir}:{os.environ['PATH']}",
+        "STUB_DIR": str(stub_dir),
+        "STUB_LOG": str(tmp_path / "calls"),
+        "SLURM_JOB_ID": "77",
+        "SLURM_RESTART_COUNT": str(restart),
+        "SLURM_NTASKS": "2",
+        **extra_env,
+    }
+    return subprocess.Popen(["bash", str(batch)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
+
+
+def _calls(tmp_path) -> list[str]:
+    p = tmp_path / "calls"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def test_job_sh_and_launcher_agree_on_the_marker_and_layout():
+    text = (SLURM_DIR / "job.sh").read_text()
+    assert f"_sf_done=$SENSEFLOW_OUTPUT_DIR/{launch.DONE_MARKER}\n" in text
+    assert "job${SLURM_JOB_ID}-restart${_sf_restart}.log" in text
+    for name in launch.TEMPLATE_NAMES:
+        assert (SLURM_DIR / f"{name}.sbatch").is_file(), name
+    assert set(launch.PRESET_TEMPLATES.values()) <= set(launch.TEMPLATE_NAMES)
+
+
+def test_job_finished_when_done_marker_written(tmp_path):
+    proc, out = _job(tmp_path, f'echo training; touch {tmp_path}/out/DONE')
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, text
+    assert "finished" in text
+    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+    assert "training" in (out / "logs" / "job77-restart0.log").read_text()
+
+
+def test_job_requeues_after_clean_stop_without_done(tmp_path):
+    proc, out = _job(tmp_path, "exit 0")
+    text, _ = proc.communicate(timeout=30)
+    assert "scontrol requeue 77" in _calls(tmp_path), text
+    assert proc.returncode == -signal.SIGTERM  # ended by the requeue, as Slurm does
+    assert "requeueing job 77 (restart 1)" in text
+
+
+def test_failed_requeue_is_reported(tmp_path):
+    proc, out = _job(tmp_path, "exit 0", STUB_SCONTROL_RC="1")
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 4, text
+    assert "scontrol requeue failed" in text
+
+
+def test_job_fails_without_requeue_on_crash(tmp_path):
+    proc, out = _job(tmp_path, "exit 7")
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 7, text
+    assert "not requeueing" in text
+    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+
+
+def test_stale_done_marker_does_not_hide_a_preemption(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "DONE").write_text("{}")
+    proc, out = _job(tmp_path, "exit 0")
+    text, _ = proc.communicate(timeout=30)
+    assert "scontrol requeue 77" in _calls(tmp_path), text
+
+
+def test_usr1_to_batch_shell_is_forwarded_then_requeued(tmp_path):
+    # the training command saves on USR1 and exits 0, as the trainer contract says
+    proc, out = _job(tmp_path, 'trap "echo saved; exit 0" USR1; echo started; while :; do sleep 0.05; done')
+    pid_file = tmp_path / "bin" / "srun.pid"
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N does
+    text, _ = proc.communicate(timeout=30)
+    calls = _calls(tmp_path)
+    assert "scancel --signal=USR1 77" in calls, text
+    assert "scontrol requeue 77" in calls, text
+    assert "USR1: stop requested" in text
+    assert "saved" in (out / "logs" / "job77-restart0.log").read_text()
+
+
+def test_requeue_stops_at_max_restarts(tmp_path):
+    proc, out = _job(tmp_path, "exit 0", restart=3, max_restarts=3)
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3, text
+    assert "already restarted 3 times" in text
+    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+
+
+def test_per_restart_log_names(tmp_path):
+    proc, out = _job(tmp_path, f"touch {tmp_path}/out/DONE", restart=2)
+    proc.communicate(timeout=30)
+    assert (out / "logs" / "job77-restart2.log").is_file()
+
+
+# --------------------------------------------------------------------------- the Slurm fixture's skip rule
+
+
+def test_slurm_fixture_skips_without_root_and_says_why(monkeypatch):
+    from tests import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(slurm_cluster.SlurmUnavailable, match="needs root"):
+        slurm_cluster.ensure_installed()
+
+
+def test_slurm_fixture_skips_without_apt(monkeypatch):
+    from tests import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(slurm_cluster, "_installed", lambda: False)
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    with pytest.raises(slurm_cluster.SlurmUnavailable, match="no apt-get"):
+        slurm_cluster.ensure_installed()
