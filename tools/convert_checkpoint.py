@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import os
 import shutil
 import sys
@@ -41,6 +42,7 @@ from tools.hf_io import (
     SafetensorsDir,
     ShardedSafetensorsWriter,
     find_transformer_dir,
+    fsync_tree,
     listed,
     parse_size,
     read_config,
@@ -345,12 +347,11 @@ def export_checkpoint(
     writer.close()
     config = arch_to_diffusers_config(arch)
     try:
-        import diffusers
-
-        config["_diffusers_version"] = diffusers.__version__
-    except ImportError:  # the config is still valid; diffusers only records the version it was written with
+        config["_diffusers_version"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:  # still a valid config; diffusers only records its version
         pass
     (tdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    fsync_tree(out)
     return tdir
 
 

@@ -10,6 +10,7 @@ it touched mapped, and the process' resident memory would grow to the shard.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,23 @@ def read_config(directory: Path) -> dict:
     if not isinstance(cfg, dict) or "_class_name" not in cfg:
         raise ConversionError(f"{path} has no _class_name, so it is not a diffusers model config.")
     return cfg
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """Flush every file under `directory` to disk, then the directories (once, at the end of a conversion:
+    per-file syncs while writing would stall on the disk instead of letting the kernel flush alongside)."""
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

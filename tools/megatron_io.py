@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from models.checkpoint_io import META_NAME, StoredTensor, write_meta
 from models.configs import Arch
 
-from .hf_io import ConversionError, PlannedTensor
+from .hf_io import ConversionError, PlannedTensor, fsync_tree
 
 COMMON_NAME = "common.pt"  # megatron's `dist_checkpointing.load` reads it even when it holds nothing
 
@@ -66,11 +66,15 @@ def write_role_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     planned = {t.key: t for t in plan}
     state = {t.key: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in plan}
-    # one writer thread: items are resolved strictly one after another, in plan order
-    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, sync_files=True)
+    # One file per tensor: DCP's writer keeps every tensor it wrote into a file referenced until that
+    # file is closed (torch 2.13 `_write_files_from_queue`), so one file per rank would hold the whole
+    # model. One writer thread: tensors are produced strictly one after another, in plan order. Files
+    # are synced once at the end (fsync_tree), not one by one.
+    writer = FileSystemWriter(str(directory), single_file_per_rank=False, thread_count=1, sync_files=False)
     dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce, planned, progress), no_dist=True)
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(directory))
     torch.save({}, directory / COMMON_NAME)
+    fsync_tree(directory)  # the data is on disk before the sidecar says the checkpoint is complete
     by_size: dict[torch.dtype, int] = {}
     for t in plan:
         by_size[t.dtype] = by_size.get(t.dtype, 0) + t.nbytes
