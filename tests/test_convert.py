@@ -60,6 +60,22 @@ def test_writer_refuses_out_of_plan_tensors(tmp_path):
         w.write("x", torch.zeros(2, 3))
 
 
+def test_export_finds_the_role_checkpoint(tmp_path):
+    from models.checkpoint_io import write_meta
+    from models.configs import make_arch
+    from tools.convert_checkpoint import resolve_role_dir
+
+    arch = make_arch("tiny-flux")
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    for role in ("generator", "fake_score"):
+        (step / role).mkdir(parents=True)
+        write_meta(step / role, arch, torch.bfloat16)
+    (tmp_path / "run" / "checkpoints" / "latest").symlink_to("step_00000010")
+    assert resolve_role_dir(step / "generator") == step / "generator"  # a role checkpoint itself
+    assert resolve_role_dir(step, "fake_score") == step / "fake_score"  # a step directory
+    assert resolve_role_dir(tmp_path / "run").resolve() == (step / "generator").resolve()  # a train output dir
+
+
 # ---------------------------------------------------------------- round trips (1-rank workers)
 def _round_trip(env, variant, src, ckpt, out, student=False):
     from tools.convert_checkpoint import export_checkpoint, import_checkpoint
