@@ -95,13 +95,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _nbytes(shape, dtype) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
-
-
 # ---------------------------------------------------------------- import
 def arch_of_diffusers_dir(directory: Path, model: str | None = None):
     """Our architecture for a diffusers transformer directory, refusing a family other than `model`."""
@@ -342,7 +335,7 @@ def export_checkpoint(
                 t = t.to(dtype)
             for hk, ht in hf_mapping.group_to_hf(arch, grp, t):
                 writer.write(hk, ht)
-                bar.update(_nbytes(ht.shape, ht.dtype))
+                bar.update(ht.numel() * ht.element_size())
             del t
     writer.close()
     config = arch_to_diffusers_config(arch)

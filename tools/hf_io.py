@@ -112,13 +112,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
