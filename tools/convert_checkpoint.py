@@ -87,7 +87,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConversionError(f"{out} already exists and is not empty; choose another --out or pass --overwrite.")
+        # an interrupted import leaves only *.distcp files; those are ours to replace too
         ours = any((out / n).exists() for n in ("senseflow_model.json", ".metadata", "config.json", "model_index.json"))
+        ours = ours or any(out.glob("*.distcp"))
         if not ours:
             raise ConversionError(f"{out} does not look like a checkpoint or diffusers directory; "
                                   "refusing to delete it for --overwrite, choose another --out.")

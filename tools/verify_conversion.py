@@ -12,8 +12,9 @@ tolerance, 1 above it, 2 when the check cannot run (bad paths, TP/PP that do
 not fit, architectures that differ).
 
 Tolerances: fp32 1e-4 (the CPU parity tests measure ~1e-6 on tiny models;
-deeper models and other GEMM orders add rounding, a wrong weight adds ~1);
-bf16 3e-2 (one bf16 rounding is 4e-3 and errors grow over 57 blocks).
+deeper models and other GEMM orders add rounding); bf16 5e-2 (tiny random
+models measure ~1e-2 against diffusers in bf16, and rounding grows with
+depth). Weights of another model give errors near 1, far above either.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: import the checkout this file 
 
 import torch
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 class VerifyError(ValueError):
@@ -185,7 +186,8 @@ def compare(args, src, role_dir, arch, batch, ours, dtype, tol, device) -> int:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = FluxTransformer2DModel if arch.family == "flux" else SD3Transformer2DModel
-    ref = cls.from_pretrained(str(src), torch_dtype=dtype).to(device).eval()
+    # diffusers may leave some modules in fp32 (seen: SD3 pos_embed.proj); ours holds every weight in `dtype`
+    ref = cls.from_pretrained(str(src), torch_dtype=dtype).to(device=device, dtype=dtype).eval()
     errs = []
     with torch.no_grad():
         for i in range(args.batch):
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute dtype; auto = fp32 on CPU, the checkpoint's dtype on CUDA")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--tol", type=float, help="override the tolerance (fp32 1e-4, bf16 3e-2)")
+    p.add_argument("--tol", type=float, help="override the tolerance (fp32 1e-4, bf16 5e-2)")
     p.add_argument("--batch", type=int, default=2, help="samples (run as microbatches of one)")
     p.add_argument("--latent-size", type=int, default=16, help="latent height = width (even)")
     p.add_argument("--text-tokens", type=int, default=16, help="text tokens per sample")
