@@ -4,8 +4,9 @@ The base pipeline is built offline from configs: a tiny AutoencoderKL, a CLIP
 text encoder with a byte-level BPE tokenizer written here, a T5 encoder with a
 unigram tokenizer made by the `tokenizers` library, and the tiny FLUX.1-dev
 teacher. The student is imported from it with --student and exported with
---base-pipeline; its weights must equal, and its image match, what diffusers' own FLUX transformer,
-loaded with the teacher's weights minus the guidance embedder, draws.
+--base-pipeline; its weights must equal, and its image match, those of
+diffusers' own FLUX transformer holding the teacher's weights minus the
+guidance embedder.
 """
 from __future__ import annotations
 
