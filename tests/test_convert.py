@@ -177,6 +177,26 @@ def test_imported_student_loads_at_tp2(tmp_path):
     assert run_distributed(_load_and_compare, 2, "flux-dev", str(tmp_path / "ckpt"), True, tp=2) == [0.0, 0.0]
 
 
+def _export(env, ckpt, out):
+    from tools.convert_checkpoint import export_checkpoint
+
+    export_checkpoint(ckpt, out, progress=False)
+    return True
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_saved_at_tp2(tmp_path):
+    """What training writes (save_model from a TP=2 model) exports to the diffusers weights it started from."""
+    from tests.test_model_checkpoint import _save
+    from tests.test_model_parity import reference
+
+    run_distributed(_save, 2, "flux-dev", str(tmp_path / "ckpt"), tp=2)
+    run_distributed(_export, 1, str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    want = reference("flux-dev")[1].state_dict()
+    got = load_all(tmp_path / "out")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ---------------------------------------------------------------- errors people can act on
 def _errors(env, root):
     """Each bad input -> the ConversionError message (or None if it did not raise)."""
