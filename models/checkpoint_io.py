@@ -13,13 +13,14 @@ shape error from deep inside torch.distributed.checkpoint.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from .base import DiTBase
+from .base import DiTBase, StageLayout, packed_part_names
 from .configs import Arch, arch_from_dict, arch_to_dict
 
 META_NAME = "senseflow_model.json"
@@ -93,3 +94,60 @@ def load_model(model: DiTBase, arch: Arch, directory: str | Path, allow_guidance
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]} after load.")
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """One tensor in the checkpoint: `key`, its `shape`, and where it sits in its canonical tensor."""
+
+    key: str
+    shape: tuple[int, ...]
+    dim: int
+    start: int
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A canonical tensor (TP=1 shape) and the checkpoint tensor(s) that hold it, in order along `parts[0].dim`."""
+
+    key: str
+    shape: tuple[int, ...]
+    parts: tuple[StoredPart, ...]
+
+
+def checkpoint_layout(arch: Arch) -> dict[str, StoredTensor]:
+    """What `save_model` writes for `arch`: canonical key -> global shape and checkpoint key(s).
+
+    Read off the whole model built on the meta device (no memory, well under a
+    second for FLUX.1-dev), from the same parameter attributes that
+    `DiTBase.sharded_state_dict` uses, so a converter that writes or reads a
+    role checkpoint without building the model agrees with save_model /
+    load_model by construction. Needs megatron parallel_state (any TP size).
+    """
+    from megatron.core import parallel_state as ps
+
+    from . import build_model, transformer_config
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+    with torch.device("meta"):
+        model = build_model(arch, transformer_config(arch, tp=tp), layout=StageLayout(0, num_blocks, True, True))
+    out: dict[str, StoredTensor] = {}
+    for name, t in model.tensors():
+        key = model.global_name(name)
+        shape = list(t.shape)
+        split = getattr(t, "tensor_model_parallel", False)
+        if split:
+            shape[t.partition_dim] *= tp
+        packed = getattr(t, "packed_split", None) if split else None
+        if packed:
+            parts, start = [], 0
+            for part_name, size in zip(packed_part_names(t), packed):
+                part_shape = list(shape)
+                part_shape[t.partition_dim] = size
+                parts.append(StoredPart(f"{key}/{part_name}", tuple(part_shape), t.partition_dim, start))
+                start += size
+        else:
+            parts = [StoredPart(key, tuple(shape), 0, 0)]
+        out[key] = StoredTensor(key, tuple(shape), tuple(parts))
+    return out

@@ -123,24 +123,31 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
     return tuple(per_head[:, j].reshape(-1, *rest).contiguous() for j in range(3))
 
 
+def group_to_ours(arch: Arch, grp: Group, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """One canonical tensor from the diffusers tensors of its group (the unit a streaming converter holds)."""
+    tensors = [get(k) for k in grp.theirs]
+    if grp.kind == "qkv":
+        return interleave_qkv(*tensors, arch.num_attention_heads)
+    return tensors[0]
+
+
+def group_to_hf(arch: Arch, grp: Group, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The diffusers tensors of one group from its canonical tensor."""
+    if grp.kind == "qkv":
+        return list(zip(grp.theirs, split_qkv(t, arch.num_attention_heads)))
+    return [(grp.theirs[0], t)]
+
+
 def hf_to_ours(arch: Arch, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical key, tensor) group by group; `get(diffusers_key)` reads one tensor."""
     for grp in groups(arch):
-        tensors = [get(k) for k in grp.theirs]
-        if grp.kind == "qkv":
-            yield grp.ours, interleave_qkv(*tensors, arch.num_attention_heads)
-        else:
-            yield grp.ours, tensors[0]
+        yield grp.ours, group_to_ours(arch, grp, get)
 
 
 def ours_to_hf(arch: Arch, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (diffusers key, tensor); `get(canonical_key)` reads one tensor."""
     for grp in groups(arch):
-        t = get(grp.ours)
-        if grp.kind == "qkv":
-            yield from zip(grp.theirs, split_qkv(t, arch.num_attention_heads))
-        else:
-            yield grp.theirs[0], t
+        yield from group_to_hf(arch, grp, get(grp.ours))
 
 
 def hf_keys(arch: Arch) -> list[str]:

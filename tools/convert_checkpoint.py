@@ -1,0 +1,420 @@
+"""Weights between HuggingFace diffusers and our role checkpoints, both directions, streaming.
+
+    python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/teacher
+    python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/student --student
+    python tools/convert_checkpoint.py export --ckpt RUN/checkpoints/latest --out student-diffusers \\
+        --base-pipeline FLUX.1-dev
+    senseflow convert import ... | senseflow convert export ... | senseflow export ...   (same code)
+
+import: a diffusers transformer directory (or a pipeline directory, whose
+`transformer/` is used) -> a role checkpoint (models/checkpoint_io.py) that
+`load_model` reads at any TP/PP. `--student` drops FLUX.1-dev's guidance
+embedder: SenseFlow's generator and fake score take no guidance scale.
+
+export: a role checkpoint (or a training step directory holding one per role,
+or a `senseflow train` output directory) -> a diffusers transformer directory
+(config.json, safetensors shards, index), or with `--base-pipeline` a whole
+pipeline directory whose `transformer/` is the exported one.
+
+Tensors are mapped group by group with models/hf_mapping.py and written as
+they are made, so memory stays near one tensor group whatever the model size.
+Dtypes are kept as stored unless export gets `--dtype`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the checkout this file belongs to
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from tools.hf_io import (
+    ConversionError,
+    PlannedTensor,
+    SafetensorsDir,
+    ShardedSafetensorsWriter,
+    find_transformer_dir,
+    fsync_tree,
+    listed,
+    parse_size,
+    read_config,
+)
+
+DEFAULT_SHARD_SIZE = "10GB"  # diffusers' save_pretrained default
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------- shared helpers
+def ensure_parallel_state() -> None:
+    """Megatron parallel_state for building the meta model that fixes the checkpoint layout (1 gloo rank here)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return
+    from megatron_senseflow.config import ParallelConfig
+    from megatron_senseflow.distributed import init_distributed
+
+    init_distributed(ParallelConfig(tp=1, pp=1, cp=1), device="cpu")
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=(not enabled) if enabled is not None else None, file=sys.stderr)
+
+
+def _check_keys(where: str, missing, unexpected, fix: str) -> None:
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"misses {len(missing)} expected tensor(s): {listed(missing)}")
+        if unexpected:
+            parts.append(f"has {len(unexpected)} unexpected tensor(s): {listed(unexpected)}")
+        raise ConversionError(f"{where} {' and '.join(parts)}; {fix}")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"{out} already exists and is not empty; choose another --out or pass --overwrite.")
+        # an interrupted import leaves only *.distcp files; those are ours to replace too
+        ours = any((out / n).exists() for n in ("senseflow_model.json", ".metadata", "config.json", "model_index.json"))
+        ours = ours or any(out.glob("*.distcp"))
+        if not ours:
+            raise ConversionError(f"{out} does not look like a checkpoint or diffusers directory; "
+                                  "refusing to delete it for --overwrite, choose another --out.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- import
+def arch_of_diffusers_dir(directory: Path, model: str | None = None):
+    """Our architecture for a diffusers transformer directory, refusing a family other than `model`."""
+    from models.configs import ArchError, FluxArch, SD3Arch, arch_from_diffusers_config
+
+    cfg = read_config(directory)
+    cls = cfg["_class_name"]
+    families = {FluxArch.diffusers_class: "flux", SD3Arch.diffusers_class: "sd3"}
+    if cls not in families:
+        raise ConversionError(
+            f"{directory / 'config.json'} describes a {cls}; only FluxTransformer2DModel (FLUX.1) and "
+            "SD3Transformer2DModel (SD3 / SD3.5) can be converted."
+        )
+    if model is not None and families[cls] != model:
+        raise ConversionError(
+            f"--model {model} was given, but {directory / 'config.json'} describes a {cls} ({families[cls]}); "
+            f"pass --model {families[cls]} or leave --model out."
+        )
+    try:
+        return arch_from_diffusers_config(cfg)
+    except (ArchError, TypeError) as e:
+        raise ConversionError(f"{directory / 'config.json'}: {e}") from None
+
+
+def check_variant(arch, variant: str, where) -> None:
+    """Refuse a config that is not the named release (all architecture fields must match the preset)."""
+    from models.configs import PRESETS, arch_to_dict
+
+    if variant not in PRESETS:
+        raise ConversionError(f"--variant {variant!r} is unknown; choose one of {', '.join(sorted(PRESETS))}.")
+    want, have = arch_to_dict(PRESETS[variant]), arch_to_dict(arch)
+    if variant == "flux-student":  # the student is read from a FLUX.1-dev teacher
+        want["guidance_embeds"] = have.get("guidance_embeds")
+    for k in sorted(set(want) | set(have)):
+        if want.get(k) != have.get(k):
+            raise ConversionError(
+                f"{where} has {k}={have.get(k)!r}, but --variant {variant} means {k}={want.get(k)!r}; "
+                "check the path or drop --variant."
+            )
+
+
+def import_checkpoint(
+    hf: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    variant: str | None = None,
+    student: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """diffusers transformer / pipeline directory -> role checkpoint at `out`. Returns `out`."""
+    from models import hf_mapping
+    from models.checkpoint_io import checkpoint_layout
+
+    from tools.megatron_io import write_role_checkpoint
+
+    src = find_transformer_dir(hf)
+    arch_src = arch_of_diffusers_dir(src, model)
+    if variant is not None:
+        check_variant(arch_src, variant, src / "config.json")
+        student = student or variant == "flux-student"
+    if student:
+        if arch_src.family != "flux":
+            raise ConversionError(f"--student makes a FLUX student, but {src} holds an SD3 model; drop --student.")
+        if not arch_src.guidance_embeds:
+            raise ConversionError(
+                f"--student drops FLUX.1-dev's guidance embedder, but {src} has guidance_embeds=false already; "
+                "drop --student."
+            )
+    arch = dataclasses.replace(arch_src, guidance_embeds=False) if student else arch_src
+    files = SafetensorsDir(src)
+
+    expected = set(hf_mapping.hf_keys(arch_src))
+    present = set(files.info)
+    _check_keys(f"{src}", expected - present, present - expected,
+                f"it is not a complete {arch_src.diffusers_class} for its config.json (or a newer diffusers layout).")
+
+    ensure_parallel_state()
+    layout = checkpoint_layout(arch)
+    groups = hf_mapping.groups(arch)
+    if set(layout) != {g.ours for g in groups}:  # the mapping and the model disagree: a bug here, not a user error
+        raise RuntimeError(f"hf_mapping and the model disagree on tensors: {listed(set(layout) ^ {g.ours for g in groups})}")
+
+    # expected diffusers shapes: our model's shapes through the mapping, on meta tensors
+    for hk, t in hf_mapping.ours_to_hf(arch, lambda k: torch.empty(layout[k].shape, device="meta")):
+        if files.info[hk].shape != tuple(t.shape):
+            raise ConversionError(
+                f"tensor {hk} in {files.info[hk].file.name} has shape {files.info[hk].shape}, but config.json "
+                f"({arch.num_attention_heads} heads x {arch.attention_head_dim}) expects {tuple(t.shape)}; "
+                "config.json and the weights come from different models."
+            )
+
+    plan: list[PlannedTensor] = []
+    source: dict[str, tuple] = {}
+    for grp in groups:
+        dtypes = {files.info[k].dtype for k in grp.theirs}
+        if len(dtypes) > 1:
+            raise ConversionError(f"{listed(grp.theirs)} have different dtypes {sorted(map(str, dtypes))}; "
+                                  "they are fused into one tensor, so cast them to one dtype first.")
+        dtype = dtypes.pop()
+        stored = layout[grp.ours]
+        for part in stored.parts:
+            plan.append(PlannedTensor(part.key, part.shape, dtype))
+            source[part.key] = (grp, stored, part)
+
+    def produce(key: str) -> torch.Tensor:
+        grp, stored, part = source[key]
+        if len(stored.parts) == 1:
+            return hf_mapping.group_to_ours(arch, grp, files.get)
+        length = part.shape[part.dim]
+        if grp.kind == "copy":  # read only this part's columns
+            return files.get_part(grp.theirs[0], part.dim, part.start, length)
+        return hf_mapping.group_to_ours(arch, grp, files.get).narrow(part.dim, part.start, length).clone()
+
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    total = sum(t.nbytes for t in plan)
+    with _progress(total, "import", progress) as bar:
+        write_role_checkpoint(out, arch, plan, produce, bar)
+    return out
+
+
+# ---------------------------------------------------------------- export
+def resolve_role_dir(ckpt: str | Path, role: str = "generator") -> Path:
+    """A role checkpoint, a step directory holding one per role, or a train output dir with checkpoints/latest."""
+    from models.checkpoint_io import META_NAME
+
+    p = Path(ckpt)
+    if not p.is_dir():
+        raise ConversionError(f"--ckpt {p} is not a directory; pass a role checkpoint or a training step directory.")
+    for cand in (p, p / role, p / "checkpoints" / "latest" / role):
+        if (cand / META_NAME).is_file():
+            return cand
+    roles = sorted(d.name for d in p.iterdir() if (d / META_NAME).is_file())
+    if roles:
+        raise ConversionError(f"{p} holds roles {', '.join(roles)} but no {role!r}; pass --role {roles[0]}.")
+    raise ConversionError(
+        f"{p} is not a senseflow checkpoint (no {META_NAME} in it, in {role}/ or in checkpoints/latest/{role}/); "
+        "pass a directory written by `senseflow convert import` or by training."
+    )
+
+
+def _copy_pipeline(base: Path, out: Path, arch, link: str) -> None:
+    import json
+
+    index = base / "model_index.json"
+    if not index.is_file():
+        raise ConversionError(f"--base-pipeline {base} has no model_index.json, so it is not a diffusers pipeline.")
+    entry = json.loads(index.read_text()).get("transformer")
+    if not entry or entry[1] != arch.diffusers_class:
+        raise ConversionError(
+            f"--base-pipeline {base} has transformer {entry[1] if entry else None}, but the checkpoint holds a "
+            f"{arch.diffusers_class}; use a {arch.family.upper()} pipeline as base."
+        )
+    for item in sorted(base.iterdir()):
+        if item.name == "transformer":
+            continue
+        dst = out / item.name
+        if link == "symlink":
+            dst.symlink_to(item.resolve(), target_is_directory=item.is_dir())
+        elif item.is_dir():
+            shutil.copytree(item, dst, copy_function=os.link if link == "hardlink" else shutil.copy2)
+        elif link == "hardlink":
+            os.link(item, dst)
+        else:
+            shutil.copy2(item, dst)
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    role: str = "generator",
+    base_pipeline: str | Path | None = None,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    dtype: str | torch.dtype | None = None,
+    link: str = "copy",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Role checkpoint -> diffusers transformer directory (or pipeline directory). Returns the transformer dir."""
+    import json
+
+    from models import hf_mapping
+    from models.checkpoint_io import CheckpointError, checkpoint_arch, checkpoint_layout
+    from models.configs import arch_to_diffusers_config
+
+    from tools.megatron_io import RoleCheckpointReader
+
+    role_dir = resolve_role_dir(ckpt, role)
+    try:
+        arch = checkpoint_arch(role_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConversionError(f"--dtype {dtype} is unknown; use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    max_bytes = parse_size(max_shard_size)
+    reader = RoleCheckpointReader(role_dir)
+
+    ensure_parallel_state()
+    layout = checkpoint_layout(arch)
+    want = {p.key: p.shape for st in layout.values() for p in st.parts}
+    _check_keys(f"{role_dir}", set(want) - set(reader.tensors), set(reader.tensors) - set(want),
+                f"it does not hold the {arch.family} model its {role_dir.name}/senseflow_model.json describes.")
+    for key, shape in want.items():
+        if reader.tensors[key][0] != shape:
+            raise ConversionError(f"tensor {key} in {role_dir} has shape {reader.tensors[key][0]}, but its "
+                                  f"senseflow_model.json architecture expects {shape}; the checkpoint is damaged.")
+
+    def stored_dtype(st) -> torch.dtype:
+        kinds = {reader.tensors[p.key][1] for p in st.parts}
+        if len(kinds) > 1:
+            raise ConversionError(f"the parts of {st.key} in {role_dir} have different dtypes; the checkpoint is damaged.")
+        return dtype or kinds.pop()
+
+    groups = hf_mapping.groups(arch)
+    plan = [
+        PlannedTensor(hk, tuple(t.shape), t.dtype)
+        for grp in groups
+        for hk, t in hf_mapping.group_to_hf(
+            arch, grp, torch.empty(layout[grp.ours].shape, dtype=stored_dtype(layout[grp.ours]), device="meta"))
+    ]
+
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    tdir = out
+    if base_pipeline is not None:
+        _copy_pipeline(Path(base_pipeline), out, arch, link)
+        tdir = out / "transformer"
+    writer = ShardedSafetensorsWriter(tdir, plan, max_bytes)
+    with _progress(sum(t.nbytes for t in plan), "export", progress) as bar:
+        for grp in groups:
+            t = reader.read_canonical(layout[grp.ours])
+            if dtype is not None:
+                t = t.to(dtype)
+            for hk, ht in hf_mapping.group_to_hf(arch, grp, t):
+                writer.write(hk, ht)
+                bar.update(ht.numel() * ht.element_size())
+            del t
+    writer.close()
+    config = arch_to_diffusers_config(arch)
+    try:
+        config["_diffusers_version"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:  # still a valid config; diffusers only records its version
+        pass
+    (tdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    fsync_tree(out)
+    return tdir
+
+
+# ---------------------------------------------------------------- command line
+def _add_import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", required=True, help="diffusers pipeline directory (its transformer/ is used) or transformer directory")
+    p.add_argument("--out", required=True, help="role checkpoint directory to write")
+    p.add_argument("--model", choices=["flux", "sd3"], help="refuse a config of the other family")
+    p.add_argument("--variant", help="refuse a config that is not this release: flux-dev, flux-schnell, flux-student, "
+                                     "sd3-medium, sd35-medium, sd35-large")
+    p.add_argument("--student", action="store_true", help="write the SenseFlow FLUX student: FLUX.1-dev without guidance embedder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="role checkpoint, training step directory, or `senseflow train` output directory")
+    p.add_argument("--out", required=True, help="directory to write (transformer directory, or pipeline with --base-pipeline)")
+    p.add_argument("--role", default="generator", help="role to export from a step directory (default: generator)")
+    p.add_argument("--base-pipeline", help="diffusers pipeline whose other components are copied; the export replaces transformer/")
+    p.add_argument("--link", choices=["copy", "symlink", "hardlink"], default="copy",
+                   help="how --base-pipeline components reach --out (default: copy)")
+    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest safetensors shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast on the way out (default: keep the stored dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def add_arguments_for(verb: str, parser: argparse.ArgumentParser) -> None:
+    """`senseflow convert import|export ...` and `senseflow export ...`."""
+    if verb == "export":
+        _add_export_args(parser)
+        return
+    sub = parser.add_subparsers(dest="direction", metavar="{import,export}", required=True)
+    _add_import_args(sub.add_parser("import", help="diffusers -> role checkpoint"))
+    _add_export_args(sub.add_parser("export", help="role checkpoint -> diffusers"))
+
+
+def run_for(verb: str, args: argparse.Namespace) -> int:
+    from models.checkpoint_io import CheckpointError
+    from models.configs import ArchError
+
+    direction = "export" if verb == "export" else args.direction
+    prog = f"senseflow {verb}" + ("" if verb == "export" else f" {direction}")
+    start = time.perf_counter()
+    try:
+        if direction == "import":
+            out = import_checkpoint(args.hf, args.out, model=args.model, variant=args.variant, student=args.student,
+                                    overwrite=args.overwrite, progress=args.progress)
+            what = "role checkpoint"
+        else:
+            out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
+                                    max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
+                                    overwrite=args.overwrite, progress=args.progress)
+            what = "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
+            out = Path(args.out)
+    except (ConversionError, ArchError, CheckpointError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
+    add_arguments_for("convert", parser)
+    return run_for("convert", parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

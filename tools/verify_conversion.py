@@ -1,0 +1,235 @@
+"""Check a converted checkpoint: diffusers' model and ours, same random inputs, same outputs.
+
+    torchrun --nproc-per-node N tools/verify_conversion.py --hf DIR --ckpt CKPT --tp T --pp P
+    python tools/verify_conversion.py --hf DIR --ckpt CKPT           # TP=1, PP=1, no launcher needed
+
+Every rank loads its part of CKPT at the asked TP/PP (`load_model`, which
+reshards at load) and runs it through megatron's pipeline schedule, as
+training does; afterwards rank 0 loads the diffusers transformer from DIR
+and runs it on the same inputs. The relative L2 error of every sample is
+printed; the last line is `max_rel_err=<value>`. Exit status: 0 within the
+tolerance, 1 above it, 2 when the check cannot run (bad paths, TP/PP that do
+not fit, architectures that differ).
+
+Tolerances: fp32 1e-4 (the CPU parity tests measure ~1e-6 on tiny models;
+deeper models and other GEMM orders add rounding); bf16 5e-2 (tiny random
+models measure ~1e-2 against diffusers in bf16, and rounding grows with
+depth). Weights of another model give errors near 1, far above either.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the checkout this file belongs to
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+class VerifyError(ValueError):
+    """The check cannot run; one sentence naming the value and the fix."""
+
+
+def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int, guidance: float):
+    """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed)."""
+    from models.flux import image_ids, text_ids
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    text = torch.randn(batch, num_txt, arch.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, arch.pooled_projection_dim, generator=g)
+    if arch.family == "flux":
+        x = torch.randn(batch, (h // 2) * (w // 2), arch.in_channels, generator=g)
+        t = torch.rand(batch, generator=g)
+        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                    img_ids=image_ids(h, w), txt_ids=text_ids(num_txt),
+                    guidance=torch.full((batch,), guidance) if arch.guidance_embeds else None)
+    x = torch.randn(batch, arch.in_channels, h, w, generator=g)
+    return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=torch.rand(batch, generator=g) * 1000)
+
+
+def sample(batch: dict, i: int, device, dtype) -> dict:
+    """Sample i of a batch on `device`; float tensors in `dtype`, position ids stay fp32 (as diffusers keeps them)."""
+    out = {}
+    for k, v in batch.items():
+        if v is None or k in ("img_ids", "txt_ids"):
+            out[k] = None if v is None else v.to(device)
+        else:
+            out[k] = v[i : i + 1].to(device=device, dtype=dtype)
+    return out
+
+
+def check_layout(arch, tp: int, pp: int, world: int) -> None:
+    from models.configs import divisors
+
+    heads = arch.num_attention_heads
+    if tp < 1 or pp < 1:
+        raise VerifyError(f"--tp {tp} / --pp {pp} must be at least 1.")
+    if heads % tp:
+        raise VerifyError(f"--tp {tp} does not divide the model's {heads} attention heads; "
+                          f"use one of {', '.join(map(str, divisors(heads)))}.")
+    blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+    if pp > blocks:
+        raise VerifyError(f"--pp {pp} exceeds the model's {blocks} blocks; use at most {blocks} stages.")
+    if world != tp * pp:
+        raise VerifyError(f"--tp {tp} x --pp {pp} needs {tp * pp} processes, but {world} were launched; "
+                          f"run `torchrun --nproc-per-node {tp * pp} tools/verify_conversion.py ...`.")
+
+
+def resolve(args):
+    """Paths and architectures, checked before any process group exists (so errors come once, early)."""
+    from models.checkpoint_io import CheckpointError, arch_to_dict, checkpoint_arch
+
+    from tools.convert_checkpoint import arch_of_diffusers_dir, resolve_role_dir
+    from tools.hf_io import find_transformer_dir
+
+    src = find_transformer_dir(args.hf)
+    arch_hf = arch_of_diffusers_dir(src)
+    role_dir = resolve_role_dir(args.ckpt, args.role)
+    try:
+        arch = checkpoint_arch(role_dir)
+    except CheckpointError as e:
+        raise VerifyError(str(e)) from None
+    a, b = arch_to_dict(arch), arch_to_dict(arch_hf)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        k = diff[0]
+        hint = (" (a SenseFlow student has no guidance embedder: verify it against its exported diffusers "
+                "directory, or verify the teacher checkpoint against FLUX.1-dev)") if k == "guidance_embeds" else ""
+        raise VerifyError(f"{role_dir} holds {a['family']} with {k}={a.get(k)!r} but {src} has {k}={b.get(k)!r}; "
+                          f"they are different architectures{hint}.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(arch, args.tp, args.pp, world)
+    if args.latent_size % 2 or args.latent_size < 2:
+        raise VerifyError(f"--latent-size {args.latent_size} must be a positive even number (2x2 patches).")
+    return src, role_dir, arch
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_senseflow.config import ConfigError, ParallelConfig
+    from megatron_senseflow.distributed import destroy_distributed, init_distributed
+
+    from tools.hf_io import ConversionError
+
+    try:
+        src, role_dir, arch = resolve(args)
+        env = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), seed=args.seed, device=args.device)
+    except (VerifyError, ConversionError, ConfigError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"verify_conversion: {e}", file=sys.stderr)
+        return 2
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from models import build_model, transformer_config
+    from models.checkpoint_io import load_model, read_meta
+
+    stored = getattr(torch, read_meta(role_dir)["dtype"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
+        stored if env.device.type == "cuda" and stored in TOLERANCE else torch.float32)
+    tol = args.tol if args.tol is not None else TOLERANCE[dtype]
+    hw = (args.latent_size, args.latent_size)
+    patch = 2 if arch.family == "flux" else arch.patch_size
+    num_img = (hw[0] // patch) * (hw[1] // patch)
+    batch = random_inputs(arch, args.batch, hw, args.text_tokens, args.seed, args.guidance)
+
+    model = build_model(arch, transformer_config(arch, tp=env.tp, pp=env.pp, params_dtype=dtype),
+                        tokens=(num_img, args.text_tokens)).to(env.device).eval()
+    load_model(model, arch, role_dir)
+
+    outputs: list[torch.Tensor] = []
+
+    def loss_func(out):
+        outputs.append(out.detach().float().cpu())
+        return out.sum() * 0, {}
+
+    def forward_step(it, m):
+        mb = next(it)
+        if arch.family == "sd3":
+            mb = {**mb, "num_txt": args.text_tokens}
+        return m(**mb), loss_func
+
+    mbs = [sample(batch, i, env.device, dtype) for i in range(args.batch)]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=args.batch,
+            seq_length=args.text_tokens + num_img, micro_batch_size=1, forward_only=True,
+        )
+    mine = torch.cat(outputs) if env.is_last_stage and env.tp_rank == 0 else None
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, mine)
+    del model, outputs
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    verdict = [0]
+    if env.rank == 0:
+        ours = next(g for g in gathered if g is not None)
+        verdict[0] = compare(args, src, role_dir, arch, batch, ours, dtype, tol, env.device)
+    dist.broadcast_object_list(verdict, src=0)
+    destroy_distributed()
+    return verdict[0]
+
+
+def compare(args, src, role_dir, arch, batch, ours, dtype, tol, device) -> int:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = FluxTransformer2DModel if arch.family == "flux" else SD3Transformer2DModel
+    # diffusers may leave some modules in fp32 (seen: SD3 pos_embed.proj); ours holds every weight in `dtype`
+    ref = cls.from_pretrained(str(src), torch_dtype=dtype).to(device=device, dtype=dtype).eval()
+    errs = []
+    with torch.no_grad():
+        for i in range(args.batch):
+            want = ref(**sample(batch, i, device, dtype), return_dict=False)[0].float().cpu()
+            got = ours[i : i + 1]
+            errs.append(((got - want).norm() / want.norm().clamp_min(1e-12)).item())
+    worst = max(errs)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    print(f"verify_conversion: {src} (diffusers) vs {role_dir} (ours, tp={args.tp} pp={args.pp}), {name}, "
+          f"{args.batch} samples of {args.latent_size}x{args.latent_size} latents and {args.text_tokens} text tokens")
+    print("relative L2 error per sample: " + ", ".join(f"{e:.3e}" for e in errs))
+    if not worst <= tol:  # also catches nan
+        print(f"FAIL: max_rel_err {worst:.3e} is above the {name} tolerance {tol:.0e}: the checkpoint does not "
+              f"compute what {src} computes (converted from other weights, or a mapping bug).")
+    else:
+        print(f"OK: within the {name} tolerance {tol:.0e}.")
+    print(f"max_rel_err={worst:.6e}", flush=True)
+    return 0 if worst <= tol else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="verify_conversion.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf", required=True, help="diffusers pipeline or transformer directory")
+    p.add_argument("--ckpt", required=True, help="role checkpoint (or training step directory, with --role)")
+    p.add_argument("--role", default="generator", help="role inside a step directory (default: generator)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="compute dtype; auto = fp32 on CPU, the checkpoint's dtype on CUDA")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tol", type=float, help="override the tolerance (fp32 1e-4, bf16 5e-2)")
+    p.add_argument("--batch", type=int, default=2, help="samples (run as microbatches of one)")
+    p.add_argument("--latent-size", type=int, default=16, help="latent height = width (even)")
+    p.add_argument("--text-tokens", type=int, default=16, help="text tokens per sample")
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev guidance scale input")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
