@@ -306,7 +306,10 @@ def _as_is(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _worker_init(_: int) -> None:
+    from megatron_senseflow import signals
+
     torch.set_num_threads(1)  # PIL and numpy do the work; torch threads would only oversubscribe the cores
+    signals.ignore_in_worker()  # Slurm signals every process; the trainer decides, workers just stop with it
 
 
 # --------------------------------------------------------------------------- the loader

@@ -72,14 +72,23 @@ class Objective:
         self.G, self.F, self.T, self.D = generator, fake, teacher, disc
         self.taus = taus
         self.rnd: BatchRandom | None = None
-        self.aug_rnd: BatchRandom | None = None
+        self.gen_aug_rnd: BatchRandom | None = None
+        self.disc_aug_rnd: BatchRandom | None = None
         self.use_gan = self.use_gan and disc is not None and cfg.roles.discriminator.enabled
         self.two_pass = force_two_pass or generator.pp > 1
 
     # ------------------------------------------------------------------ randomness
-    def begin(self, rnd: BatchRandom, aug_rnd: BatchRandom) -> None:
-        """Per-sample random streams of this iteration (rng.py): noise, timesteps, augmentation."""
-        self.rnd, self.aug_rnd = rnd, aug_rnd
+    def begin(self, seed: int, step: int, sample_ids: list[int], device) -> None:
+        """Per-sample random streams of this iteration (rng.py).
+
+        Three streams: noise and timesteps; the augmentation of the generator's GAN
+        term, which under PP only the last stage evaluates; the augmentation of the
+        discriminator step, which every rank runs. Separate streams keep the last two
+        in step on all ranks.
+        """
+        self.rnd = BatchRandom(seed, 0, step, sample_ids, device)
+        self.gen_aug_rnd = BatchRandom(seed, 1, step, sample_ids, device)
+        self.disc_aug_rnd = BatchRandom(seed, 2, step, sample_ids, device)
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
         return self.rnd.randn_like(like)
@@ -178,7 +187,7 @@ class Objective:
             total = total + self.d.isg_weight * isg
             logs["gen/isg"] = isg.detach()
         if self.use_gan:
-            fake = self.D.augment(self.D.codec.decode(x0), self.aug_rnd.sub(sl))
+            fake = self.D.augment(self.D.codec.decode(x0), self.gen_aug_rnd.sub(sl))
             refs = [r[sl] for r in st.ref_maps]
             with _frozen(self.D.net.heads):
                 logits = self.D.net(fake, st.pooled[sl], refs)
@@ -234,8 +243,8 @@ class Objective:
     def discriminator_loss(self, st: IterState) -> torch.Tensor:
         with torch.no_grad():
             fake = self.D.codec.decode(st.x0_hat)
-        real_logits = self.D.net(self.D.augment(self._real_images(st), self.aug_rnd), st.pooled, st.ref_maps)
-        fake_logits = self.D.net(self.D.augment(fake, self.aug_rnd), st.pooled, st.ref_maps)
+        real_logits = self.D.net(self.D.augment(self._real_images(st), self.disc_aug_rnd), st.pooled, st.ref_maps)
+        fake_logits = self.D.net(self.D.augment(fake, self.disc_aug_rnd), st.pooled, st.ref_maps)
         loss = losses.hinge_d_loss(real_logits, fake_logits)
         st.logs.update({"disc/loss": float(loss.detach()), "disc/logit_real": float(real_logits.detach().mean()),
                         "disc/logit_fake": float(fake_logits.detach().mean())})

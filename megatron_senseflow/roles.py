@@ -188,6 +188,19 @@ class Role:
                         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def unshare_adam_steps(self) -> None:
+        """After a checkpoint load: give each parameter its own AdamW "step" tensor.
+
+        megatron-core 0.16's DistributedOptimizer.load_state_dict (torch-AdamW path)
+        puts one shared step tensor into every parameter's state; torch's AdamW then
+        increments it in place once per parameter per step, so bias correction would
+        use a step count ~number-of-parameters too large.
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for st in opt.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].clone()
+
 
 def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
     dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
@@ -265,6 +278,7 @@ def build_role(
         ),
         [ddp],
     )
+    _keep_adam_step_on_load(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,
@@ -279,6 +293,32 @@ def build_role(
         wd_incr_style="constant",
     )
     return Role(name, arch, module, ddp=ddp, optimizer=optimizer, scheduler=scheduler, num_microbatches=num_microbatches)
+
+
+def _keep_adam_step_on_load(optimizer) -> None:
+    """Work around megatron-core 0.16 on the torch-AdamW path (no TransformerEngine / apex).
+
+    There the distributed optimizer keeps AdamW's "step" in each parameter's
+    state, saves it apart from the per-parameter tensors, and on load
+    (`load_parameter_state_from_fully_reshardable` -> `_set_main_param_and_optimizer_states`,
+    optimizer/distrib_optimizer.py) copies every state key from the loaded
+    tensors, which lack "step": KeyError. "step" was already restored from the
+    common state by then, so it is passed through unchanged.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def set_states(model_param, tensors, _opt=opt, _set=setter):
+            if "step" not in tensors:
+                g, o = _opt.model_param_group_index_map[model_param]
+                state = _opt.optimizer.state[_opt.optimizer.param_groups[g]["params"][o]]
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"]}
+            return _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
 
 
 # ---------------------------------------------------------------------- IDA / EMA

@@ -24,6 +24,9 @@ def _launched() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import signals
+
+    signals.install()
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes
@@ -43,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    from . import signals
+
+    signals.install()  # before torch is imported: a signal during start-up must not kill the rank
     p = argparse.ArgumentParser(prog="senseflow train", description=__doc__)
     add_arguments(p)
     from .config import ConfigError

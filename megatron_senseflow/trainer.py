@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -24,21 +23,20 @@ from models.checkpoint_io import load_model, save_model, write_meta
 from models.configs import FluxArch
 from models.flops import forward_flops, image_tokens
 
-from . import flow
+from . import flow, signals
 from .checkpoint import CheckpointManager
 from .codec import build_codec
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
 from .discriminator import DiffAugment, VFMDiscriminator, build_dinov2
 from .distributed import DistEnv
 from .methods import OBJECTIVES, Discriminator
 from .monitor import Monitor, device_peak_tflops, image_grid
-from .rng import BatchRandom, sample_ids
+from .rng import sample_ids
 from .roles import EMA, build_role
 from .sampling import sample_student
 
-PREEMPTED_MARKER = "PREEMPTED"
-FINISHED_MARKER = "FINISHED"
+DONE_MARKER = "DONE"  # the Slurm job script requeues a run that exits 0 without it (slurm/README.md)
 
 
 class TrainingAborted(RuntimeError):
@@ -56,6 +54,11 @@ def latent_geometry(cfg: Config, codec) -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, force_two_pass: bool = False):
+        if (cfg.parallel.tp, cfg.parallel.pp) != (env.tp, env.pp):
+            raise ConfigError(
+                f"the config asks for tp={cfg.parallel.tp} pp={cfg.parallel.pp} but the process groups were built "
+                f"with tp={env.tp} pp={env.pp}; initialise distributed from the same config."
+            )
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
@@ -96,7 +99,6 @@ class Trainer:
         self.nan_in_a_row = 0
         self.nan_total = 0
         self.fixed = None  # conditioning of the sample grids, taken from the first batch
-        self._stop_signal: str | None = None
         self._flops = {r.name: forward_flops(r.arch, self.local_batch, self.num_img, c.data.text_max_length)
                        for r in (self.G, self.F, self.T)}
 
@@ -142,7 +144,7 @@ class Trainer:
             with torch.no_grad():  # shards without pixels: the real image is the decoded real latent
                 batch["image"] = self.codec.decode(batch["latent"].float())
         ids = sample_ids(self.step, self.global_batch, self.env.dp_rank, self.local_batch)
-        obj.begin(BatchRandom(c.train.seed, 0, self.step, ids, self.dev), BatchRandom(c.train.seed, 1, self.step, ids, self.dev))
+        obj.begin(c.train.seed, self.step, ids, self.dev)
         st = obj.student_input(batch)
         obj.reference_maps(st)
         logs: dict[str, float] = {}
@@ -225,12 +227,12 @@ class Trainer:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(c))
-            for m in (PREEMPTED_MARKER, FINISHED_MARKER):
-                (self.out / m).unlink(missing_ok=True)
+            (self.out / DONE_MARKER).unlink(missing_ok=True)
             print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
-        self._install_signal_handlers()
+        if c.checkpoint.save_on_signal:
+            signals.install()  # idempotent; `senseflow train` already did it before importing torch
         data_iter = iter(self.data)
         t_last, last_step = time.time(), self.step
         try:
@@ -253,11 +255,12 @@ class Trainer:
                 if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or stop or self.step == c.train.max_steps:
                     self.save()
                 if stop:
-                    self._marker(PREEMPTED_MARKER, f"{stop} at step {self.step}")
                     if self.env.is_main:
                         print(f"[senseflow] {stop}: saved step {self.step}, exiting for requeue", flush=True)
                     return 0
-            self._marker(FINISHED_MARKER, f"step {self.step}")
+            dist.barrier()
+            if self.env.is_main:
+                (self.out / DONE_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
             return 0
         finally:
             self.monitor.close()
@@ -321,27 +324,16 @@ class Trainer:
         self.monitor.images(self.step, "samples/stochastic_top_euler_bottom", image_grid(torch.cat(rows), text.shape[0]))
 
     # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self):
-        if not self.cfg.checkpoint.save_on_signal:
-            return
-
-        def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _stop_requested(self) -> str | None:
         """Signals reach ranks at different times; stop when any rank has one, all at the same step."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.dev)
+        if not self.cfg.checkpoint.save_on_signal:
+            return None
+        mine = signals.received()
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            return self._stop_signal or "signal"
+            return mine or "signal on another rank"
         return None
-
-    def _marker(self, name: str, text: str):
-        if self.env.is_main:
-            (self.out / name).write_text(text + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):
@@ -415,6 +407,7 @@ class Trainer:
             sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), is_loading=True,
                                                    metadata=self._optim_meta())
             role.optimizer.load_state_dict(dist_checkpointing.load(sd, str(path / f"{role.name}_optim")))
+            role.unshare_adam_steps()
             role.scheduler.load_state_dict(state["schedulers"][role.name])
         if self.ema is not None and (path / "ema").is_dir():
             sharded = self.G.module.sharded_state_dict()

@@ -1,0 +1,124 @@
+"""Checkpoint and resume through the real `senseflow train` command: a stopped, killed (-9) or signalled
+run, rerun with the same command, continues with exactly the losses of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_helpers import cli, make_teacher, metrics, train_inprocess
+
+pytestmark = pytest.mark.slow
+
+VOLATILE = ("perf/", "mem/")  # wall-clock and memory readings differ between any two runs
+
+
+def _losses(rows: list[dict]) -> dict[int, dict]:
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
+
+
+def _args(teacher: Path, out: Path, steps: int, every: int) -> list[str]:
+    return ["tiny", f"roles.teacher.checkpoint={teacher}", f"train.output_dir={out}", f"train.max_steps={steps}",
+            f"checkpoint.every={every}", "logging.log_every=1", "logging.tensorboard=false"]
+
+
+def _finish(proc, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-3000:]}")
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _finish(cli(_args(teacher, out, 6, 2)))
+    assert json.loads((out / "DONE").read_text()) == {"step": 6}
+    return _losses(metrics(out))
+
+
+def test_stop_and_rerun_continues_bit_identically(teacher, reference, tmp_path):
+    _finish(cli(_args(teacher, tmp_path, 3, 2)))
+    log = _finish(cli(_args(teacher, tmp_path, 6, 2)))
+    assert "resumed at step 3" in log
+    got = _losses(metrics(tmp_path))
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step] == reference[step], step  # every loss term, to the last digit
+
+
+def test_kill_9_then_same_command_resumes_from_latest_complete(teacher, reference, tmp_path):
+    proc = cli(_args(teacher, tmp_path, 6, 2))
+    _wait_for_step(tmp_path, 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step_00000002", "step_00000004")
+    log = _finish(cli(_args(teacher, tmp_path, 6, 2)))
+    resumed = int(latest.split("_")[1])
+    assert f"resumed at step {resumed}" in log
+    got = _losses(metrics(tmp_path))
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # rows the killed run wrote after its checkpoint were replaced
+    assert all(got[s] == reference[s] for s in range(1, 7))
+
+
+def test_sigusr1_saves_at_next_step_boundary_and_exits_0(teacher, reference, tmp_path):
+    proc = cli(_args(teacher, tmp_path, 6, 0))
+    _wait_for_step(tmp_path, 2, proc)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    log = _finish(proc)
+    assert "SIGUSR1: saved step" in log
+    assert not (tmp_path / "DONE").exists()  # the Slurm job script requeues a run without DONE
+    stopped = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stopped < 6
+    _finish(cli(_args(teacher, tmp_path, 6, 0)))
+    assert json.loads((tmp_path / "DONE").read_text()) == {"step": 6}
+    got = _losses(metrics(tmp_path))
+    assert all(got[s] == reference[s] for s in range(1, 7))
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(teacher, reference, tmp_path):
+    _finish(cli(_args(teacher, tmp_path, 2, 2)))
+    ck = tmp_path / "checkpoints"
+    crashed = ck / "step_00000004.tmp"  # what a crash in the middle of a save leaves
+    (crashed / "generator").mkdir(parents=True)
+    (crashed / "generator" / "garbage.distcp").write_bytes(b"\0" * 100)
+    log = _finish(cli(_args(teacher, tmp_path, 4, 2)))
+    assert "resumed at step 2" in log and not crashed.exists()
+    got = _losses(metrics(tmp_path))
+    assert got[3] == reference[3] and got[4] == reference[4]
+
+
+def test_resume_on_another_layout_reshards(teacher, reference, tmp_path):
+    """Saved at TP=2, resumed at PP=2 (model and distributed-optimizer states resharded at load)."""
+    base = ["roles.teacher.checkpoint=" + str(teacher), f"train.output_dir={tmp_path}", "checkpoint.every=2",
+            "logging.log_every=1", "logging.tensorboard=false"]
+    train_inprocess(2, base + ["train.max_steps=2"], tp=2)
+    train_inprocess(2, base + ["train.max_steps=4", "data.micro_batch_size=1", "parallel.num_microbatches=2"], pp=2)
+    got = _losses(metrics(tmp_path))
+    for step in (3, 4):
+        for k in ("gen/dmd", "gen/isg", "fake/fm", "disc/loss"):
+            if k in reference[step]:
+                assert got[step][k] == pytest.approx(reference[step][k], rel=1e-4), (step, k)
