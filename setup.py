@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "scikit-learn>=1.4",
     "psutil>=5.9",
+    "scipy>=1.11",
+    "torchmetrics>=1.4",
 ]
 
 setup(

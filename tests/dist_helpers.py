@@ -12,6 +12,7 @@ SENSEFLOW_TEST_START=spawn to use spawn (fn must then be importable).
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -20,6 +21,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
+
 DEFAULT_TIMEOUT = float(os.environ.get("SENSEFLOW_TEST_TIMEOUT", "600"))
 
 
@@ -27,6 +30,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _hard_exit(code: int, q) -> None:
+    """os._exit skips atexit, which would orphan the Manager server that megatron's async
+    checkpoint writer spawns (~190 MB each); run multiprocessing's finalizers first."""
+    import multiprocessing.util
+
+    q.close()
+    q.join_thread()  # flush the result / traceback before the hard exit
+    multiprocessing.util._exit_function()
+    os._exit(code)
 
 
 def _child(fn, rank, world_size, port, parallel_kwargs, seed, args, kwargs, q):
@@ -47,16 +61,30 @@ def _child(fn, rank, world_size, port, parallel_kwargs, seed, args, kwargs, q):
 
         env = init_distributed(ParallelConfig(**parallel_kwargs), seed=seed, device="cpu", timeout_min=10)
         result = fn(env, *args, **kwargs)
-        q.put((rank, "ok", result))
+        # tensors as bytes: torch's shared-memory handoff would need this process alive until the parent reads
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        q.put((rank, "ok", buf.getvalue()))
         destroy_distributed()
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         q.put((rank, "error", traceback.format_exc()))
-        q.close()
-        q.join_thread()  # flush the traceback before the hard exit
-        os._exit(1)
-    q.close()
-    q.join_thread()
-    os._exit(0)
+        _hard_exit(1, q)
+    _hard_exit(0, q)
+
+
+def _share_checkpoint_queue() -> None:
+    """Create megatron's async-writer results queue once in the test process.
+
+    megatron's FileSystemWriterAsync spawns a multiprocessing Manager (a fresh
+    interpreter) the first time a process saves; forked test ranks would each pay
+    that start-up. A queue created here is inherited by every fork instead.
+    Test support only: a training process saves from one long-lived process.
+    """
+    if os.environ.get("SENSEFLOW_TEST_START", "fork") != "fork":
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._get_write_results_queue()
 
 
 def run_distributed(
@@ -73,6 +101,7 @@ def run_distributed(
 ) -> list[Any]:
     """Run fn(env, *args, **kwargs) on `world_size` gloo ranks; return the per-rank results."""
     ctx = mp.get_context(os.environ.get("SENSEFLOW_TEST_START", "fork"))
+    _share_checkpoint_queue()
     port = _free_port()
     q = ctx.Queue()
     parallel_kwargs = {"tp": tp, "pp": pp, "cp": cp, **(parallel or {})}
@@ -109,7 +138,7 @@ def run_distributed(
                 else:
                     continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
             else:
                 error = f"rank {rank} failed:\n{payload}"
     finally:

@@ -70,7 +70,8 @@ def test_export_finds_the_role_checkpoint(tmp_path):
     for role in ("generator", "fake_score"):
         (step / role).mkdir(parents=True)
         write_meta(step / role, arch, torch.bfloat16)
-    (tmp_path / "run" / "checkpoints" / "latest").symlink_to("step_00000010")
+    (step / "COMPLETE").write_text("{}")  # what the trainer's CheckpointManager writes
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000010")
     assert resolve_role_dir(step / "generator") == step / "generator"  # a role checkpoint itself
     assert resolve_role_dir(step, "fake_score") == step / "fake_score"  # a step directory
     assert resolve_role_dir(tmp_path / "run").resolve() == (step / "generator").resolve()  # a train output dir

@@ -2,7 +2,7 @@
 
     python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/teacher
     python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/student --student
-    python tools/convert_checkpoint.py export --ckpt RUN/checkpoints/latest --out student-diffusers \\
+    python tools/convert_checkpoint.py export --ckpt RUN --out student-diffusers \\
         --base-pipeline FLUX.1-dev
     senseflow convert import ... | senseflow convert export ... | senseflow export ...   (same code)
 
@@ -222,20 +222,22 @@ def import_checkpoint(
 
 # ---------------------------------------------------------------- export
 def resolve_role_dir(ckpt: str | Path, role: str = "generator") -> Path:
-    """A role checkpoint, a step directory holding one per role, or a train output dir with checkpoints/latest."""
+    """A role checkpoint, a step directory holding one per role, or a train output dir (its latest complete step)."""
+    from megatron_senseflow.checkpoint import CheckpointManager
     from models.checkpoint_io import META_NAME
 
     p = Path(ckpt)
     if not p.is_dir():
         raise ConversionError(f"--ckpt {p} is not a directory; pass a role checkpoint or a training step directory.")
-    for cand in (p, p / role, p / "checkpoints" / "latest" / role):
+    latest = CheckpointManager(p / "checkpoints").latest()
+    for cand in (p, p / role, *([latest / role] if latest else [])):
         if (cand / META_NAME).is_file():
             return cand
     roles = sorted(d.name for d in p.iterdir() if (d / META_NAME).is_file())
     if roles:
         raise ConversionError(f"{p} holds roles {', '.join(roles)} but no {role!r}; pass --role {roles[0]}.")
     raise ConversionError(
-        f"{p} is not a senseflow checkpoint (no {META_NAME} in it, in {role}/ or in checkpoints/latest/{role}/); "
+        f"{p} is not a senseflow checkpoint (no {META_NAME} in it, in {role}/ or in the latest step under checkpoints/); "
         "pass a directory written by `senseflow convert import` or by training."
     )
 

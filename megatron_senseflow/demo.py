@@ -1,0 +1,419 @@
+"""`senseflow demo`: the whole method on a laptop-class CPU with no downloads.
+
+1. Data: scikit-learn's handwritten digits (1797 real 8x8 scans) upsampled to
+   32 x 32, with prompts such as "a handwritten digit seven", written to
+   webdataset shards and encoded by the product's own `prepare-data` code.
+2. Teacher: a small FLUX-architecture model (our models/ code, local spec)
+   trained here with rectified flow, 10% empty prompts for classifier-free
+   guidance. Cached under --cache keyed by its config: a second run skips it.
+3. Distillation: `senseflow train` on a generated recipe (SenseFlow objective,
+   tiny DINOv2 discriminator, IDA, ISG) through the same code path as a cluster
+   run, including the distributed bootstrap (`--nproc 2` runs TP=2).
+4. Evaluation: a digit classifier trained on the real digits scores prompt
+   accuracy and the Frechet distance of its features (generated vs real) for
+   the teacher at 50 and 4 Euler steps and the student at 4 steps.
+
+Text encoder: frozen random word embeddings (a fixed-seed table over the
+prompt vocabulary; pooled = their mean). The teacher's trainable context and
+pooled embedders learn to read them; a trained text encoder would add a
+second model to train and explain nothing about distillation.
+
+Latent space: exact space-to-depth of the gray image (2 x 2 pixels -> 4
+channels), so "latent" 16 x 16 x 4 packs into FLUX's 64 tokens of 16 channels
+and decoding is lossless (codec.SpaceToDepth).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEMPLATES = ["a handwritten digit {w}", "the number {w} written by hand", "a scan of a handwritten {w}"]
+RES = 32
+TEXT_LEN = 8
+
+TEACHER = {  # FLUX architecture fields (models/configs.py FluxArch), small
+    "in_channels": 16, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32, "num_attention_heads": 4,
+    "joint_attention_dim": 64, "pooled_projection_dim": 64, "guidance_embeds": False, "axes_dims_rope": [8, 12, 12],
+}
+TEACHER_TRAIN = {"steps": 2500, "batch": 128, "lr": 1e-3, "cfg_drop": 0.1, "seed": 0}
+
+
+# --------------------------------------------------------------------------- text and pixels
+
+
+class DigitsText:
+    """Frozen random word embeddings: prompts -> (text [B, L, D], pooled [B, P]); see the module docstring."""
+
+    family = "flux"
+    text_key = "t5.npy"
+    pooled_key = "clip_pooled.npy"
+    max_length = TEXT_LEN
+
+    def __init__(self, dim: int, pooled_dim: int, seed: int = 1234):
+        vocab = sorted({w for t in TEMPLATES for w in t.replace("{w}", "").split()} | set(WORDS))
+        self.vocab = {w: i for i, w in enumerate(vocab)}
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(len(vocab), dim, generator=g)
+        self.pool = torch.randn(dim, pooled_dim, generator=g) / math.sqrt(dim)
+
+    @property
+    def text_dim(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.pool.shape[1]
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = torch.zeros(len(prompts), TEXT_LEN, self.text_dim)
+        pooled = torch.zeros(len(prompts), self.pooled_dim)
+        for i, p in enumerate(prompts):
+            ids = [self.vocab[w] for w in p.lower().split() if w in self.vocab][:TEXT_LEN]
+            if ids:
+                emb = self.table[ids]
+                text[i, : len(ids)] = emb
+                pooled[i] = emb.mean(0) @ self.pool
+        return text, pooled
+
+
+def digits_text() -> DigitsText:
+    return DigitsText(TEACHER["joint_attention_dim"], TEACHER["pooled_projection_dim"])
+
+
+class GrayLatent:
+    """The latent encoder `prepare-data --encode` calls: RGB in [-1, 1] -> gray -> space-to-depth."""
+
+    channels, scale_factor, shift, scale = 4, 2, 0.0, 1.0
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images.float().mean(1, keepdim=True), 2)
+
+
+def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as [N, 1, 32, 32] in [-1, 1] (ink bright), and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(RES, RES), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x * 2 - 1, torch.tensor(d.target)
+
+
+def prompt_for(label: int, k: int = 0) -> str:
+    return TEMPLATES[k % len(TEMPLATES)].format(w=WORDS[label])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_data(out: Path, text: DigitsText) -> Path:
+    """Digits -> image folder -> shards (prepare-data) -> encoded shards (prepare-data --encode)."""
+    from PIL import Image
+
+    from data.encode import EncodeSettings, encode_shards
+    from data.write import WriteSettings, write_shards
+
+    encoded = out / "encoded"
+    if (encoded / "manifest.json").is_file():
+        return encoded
+    images, labels = digit_images()
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        arr = ((img[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(arr).convert("RGB").save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(prompt_for(int(y), i))
+    write_shards(WriteSettings(format="folder", input=str(folder), resolution=RES, min_side=RES, min_aesthetic=0.0,
+                               max_samples_per_shard=300), out / "shards")
+    encode_shards(EncodeSettings(input=str(out / "shards"), model_path=str(out / "encoder"), family="flux",
+                                 text_max_length=TEXT_LEN, text_dtype="float32"), encoded, text, GrayLatent())
+    return encoded
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def config_key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_teacher(directory: Path, text: DigitsText, log) -> None:
+    """Rectified-flow training of the small FLUX teacher on all digits (single process)."""
+    from megatron_senseflow import flow
+    from megatron_senseflow.config import ParallelConfig
+    from megatron_senseflow.distributed import destroy_distributed, init_distributed
+    from megatron_senseflow.roles import Denoiser
+    from models import build_model, transformer_config
+    from models.checkpoint_io import save_model
+    from models.configs import make_arch
+
+    tt = TEACHER_TRAIN
+    init_distributed(ParallelConfig(), seed=tt["seed"], device="cpu")
+    arch = make_arch("tiny-flux", TEACHER)
+    model = build_model(arch, transformer_config(arch))
+    den = Denoiser(arch)
+    images, labels = digit_images()
+    latents = F.pixel_unshuffle(images, 2)
+    prompts = [prompt_for(int(y), i) for i, y in enumerate(labels)]
+    txt, pooled = text.encode(prompts)
+    empty_t, empty_p = text.encode([""])
+    opt = torch.optim.AdamW(model.parameters(), lr=tt["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * s / tt["steps"])))
+    g = torch.Generator().manual_seed(tt["seed"])
+    t0 = time.time()
+    for step in range(tt["steps"]):
+        idx = torch.randint(0, len(latents), (tt["batch"],), generator=g)
+        x0, c, p = latents[idx], txt[idx].clone(), pooled[idx].clone()
+        drop = torch.rand(tt["batch"], generator=g) < tt["cfg_drop"]
+        c[drop], p[drop] = empty_t[0], empty_p[0]
+        t = flow.logit_normal(torch.randn(tt["batch"], generator=g), 0.0, 1.0)
+        eps = torch.randn(x0.shape, generator=g)
+        v = den.velocity(model(**den.kwargs(flow.noise(x0, eps, t), t, c, p)), x0)
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == tt["steps"] - 1:
+            log(f"teacher step {step + 1}/{tt['steps']}: flow-matching loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    save_model(model, arch, directory)
+    destroy_distributed()
+
+
+def ensure_teacher(cache: Path, log) -> tuple[Path, DigitsText]:
+    key = config_key({"arch": TEACHER, "train": TEACHER_TRAIN, "templates": TEMPLATES, "res": RES, "v": 1})
+    root = cache / f"teacher-{key}"
+    text = digits_text()
+    if (root / "senseflow_model.json").is_file():
+        log(f"teacher: cached at {root}")
+        return root, text
+    log(f"teacher: training {root} (once; later runs reuse it)")
+    tmp = root.with_name(root.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    # a separate process: the teacher's process group must not outlive it
+    code = ("import sys; from pathlib import Path; from megatron_senseflow import demo; "
+            "demo.train_teacher(Path(sys.argv[1]), demo.digits_text(), print)")
+    rc = subprocess.call([sys.executable, "-c", code, str(tmp)])
+    if rc != 0:
+        raise RuntimeError(f"teacher training failed (exit {rc})")
+    tmp.rename(root)
+    return root, text
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class DigitNet(nn.Module):
+    """Small CNN digit classifier; its penultimate features define the Frechet distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 64), nn.ReLU(),
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[DigitNet, float]:
+    """Trained on 80% of the real digits (with small shifts); returns the model and its held-out accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(images), generator=g)
+    n = int(0.8 * len(images))
+    tr, te = perm[:n], perm[n:]
+    torch.manual_seed(seed)
+    net = DigitNet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for epoch in range(8):
+        order = tr[torch.randperm(n, generator=g)]
+        for i in range(0, n, 64):
+            b = order[i : i + 64]
+            x = images[b]
+            shift = torch.randint(-2, 3, (2,), generator=g)
+            x = torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+            loss = F.cross_entropy(net(x), labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(images[te]).argmax(1) == labels[te]).float().mean().item()
+    return net, acc
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def score(net: DigitNet, images: torch.Tensor, labels: torch.Tensor, ref_feats: np.ndarray) -> dict[str, float]:
+    feats = net.body(images)
+    acc = (net.head(feats).argmax(1) == labels).float().mean().item()
+    return {"fd": frechet_distance(feats.numpy().astype(np.float64), ref_feats), "accuracy": acc}
+
+
+def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_digit: int, cfg_scale: float, log) -> dict:
+    """Samples from teacher (50 and 4 Euler steps, CFG) and the student (4 steps, both samplers) -> table + grid."""
+    from megatron_senseflow import flow
+    from megatron_senseflow.config import ParallelConfig
+    from megatron_senseflow.distributed import destroy_distributed, init_distributed
+    from megatron_senseflow.roles import Denoiser
+    from megatron_senseflow.sampling import guided, sample_euler, sample_student
+    from models import build_model, transformer_config
+    from models.checkpoint_io import checkpoint_arch, load_model
+
+    init_distributed(ParallelConfig(), device="cpu")
+    images, labels = digit_images()
+    net, held_out = train_classifier(images, labels)
+    with torch.no_grad():
+        ref = net.body(images).numpy().astype(np.float64)
+    log(f"digit classifier: {held_out:.1%} accuracy on held-out real digits")
+
+    def load(path):
+        arch = checkpoint_arch(path)
+        m = build_model(arch, transformer_config(arch))
+        load_model(m, arch, path)
+        return m.eval(), Denoiser(arch)
+
+    teacher, t_den = load(teacher_dir)
+    from tools.convert_checkpoint import resolve_role_dir
+
+    student, s_den = load(resolve_role_dir(run_dir, "generator"))
+    y = torch.arange(10).repeat_interleave(per_digit)
+    prompts = [prompt_for(int(v), i) for i, v in enumerate(y)]
+    c, p = text.encode(prompts)
+    ec, ep = text.encode([""] * len(prompts))
+    noise = torch.randn(len(y), 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(2024))
+    num_tokens = (RES // 4) ** 2
+    m = flow.default_shift("flux", num_tokens)
+    taus = flow.anchors(4, m)
+
+    def vel(model, den, cc, pp):
+        return lambda x, s: den.velocity(model(**den.kwargs(x, s, cc, pp)), x)
+
+    t_guided = guided(vel(teacher, t_den, c, p), vel(teacher, t_den, ec, ep), cfg_scale)
+    results, rows = {}, {}
+    with torch.no_grad():
+        samplers = {
+            "teacher_50": lambda: sample_euler(t_guided, noise, flow.teacher_sigmas(50, m)),
+            "teacher_4": lambda: sample_euler(t_guided, noise, flow.teacher_sigmas(4, m)),
+            "student_4_stochastic": lambda: sample_student(vel(student, s_den, c, p), noise, taus, "stochastic",
+                                                           torch.Generator().manual_seed(7)),
+            "student_4_euler": lambda: sample_student(vel(student, s_den, c, p), noise, taus, "euler"),
+        }
+        for name, fn in samplers.items():
+            t0 = time.time()
+            img = F.pixel_shuffle(fn(), 2).clamp(-1, 1)
+            results[name] = score(net, img, y, ref)
+            results[name]["seconds"] = round(time.time() - t0, 2)
+            rows[name] = img[torch.arange(10) * per_digit]  # the first sample of each digit
+            log(f"{name}: FD {results[name]['fd']:.2f}, prompt accuracy {results[name]['accuracy']:.1%}")
+    results["real"] = {"classifier_held_out_accuracy": held_out}
+    save_grid(rows, out / "grid.png")
+    destroy_distributed()
+    return results
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
+    """One row per sampler, digits 0-9 left to right, 2x upscaled."""
+    from PIL import Image
+
+    tiles = []
+    for imgs in rows.values():
+        row = torch.cat([F.pad((im[0] + 1) / 2, (1, 1, 1, 1), value=1.0) for im in imgs], dim=1)
+        tiles.append(row)
+    grid = torch.cat(tiles, dim=0)
+    arr = (grid.clamp(0, 1).numpy() * 255).astype(np.uint8)
+    Image.fromarray(arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(path)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int) -> dict:
+    return {
+        "method": "senseflow",
+        "model": {"preset": "tiny-flux", "arch": TEACHER, "params_dtype": "float32"},
+        "parallel": {"tp": nproc},
+        "data": {"path": str(data), "encoded": True, "resolution": RES, "micro_batch_size": 32, "num_workers": 0,
+                 "shuffle_buffer": 500, "text_max_length": TEXT_LEN},
+        "roles": {
+            "teacher": {"checkpoint": str(teacher), "precision": "fp32"},
+            "generator": {"precision": "fp32", "optimizer": {"lr": 1e-4, "warmup_steps": 20}},
+            "fake_score": {"precision": "fp32", "optimizer": {"lr": 3e-4}},
+            "discriminator": {"precision": "fp32", "image_size": 32, "feature_layers": [1, 3], "optimizer": {"lr": 2e-4}},
+        },
+        "distill": {"num_steps": 4, "ttur": 2, "guidance_mode": "cfg", "guidance_min": 2.0, "guidance_max": 4.0,
+                    "dmd_t_sampling": "logit_normal", "ida_lambda": 0.97, "isg_weight": 1.0, "gan_weight": 0.1},
+        "train": {"max_steps": steps, "output_dir": str(out), "seed": 1, "device": "cpu"},
+        "checkpoint": {"every": 100, "keep_last": 1},
+        "logging": {"log_every": 20, "image_every": 100},
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (results.json, grid.png, the training run)")
+    p.add_argument("--cache", default=os.environ.get("SENSEFLOW_CACHE", str(Path.home() / ".cache" / "megatron_senseflow")),
+                   help="where the trained teacher is cached (keyed by its config)")
+    p.add_argument("--nproc", type=int, default=1, help="processes for the distillation (2 runs TP=2)")
+    p.add_argument("--steps", type=int, default=600, help="distillation iterations")
+    p.add_argument("--per-digit", type=int, default=50, help="samples per digit for the evaluation")
+    p.add_argument("--cfg", type=float, default=3.0, help="teacher CFG scale for the teacher rows")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    t_start = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(f"[demo {time.time() - t_start:5.0f}s] {msg}", flush=True)
+
+    teacher, text = ensure_teacher(Path(args.cache), log)
+    data = write_data(out, text)
+    log(f"data: encoded shards in {data}")
+    run_dir = out / "run"
+    recipe = out / "demo_recipe.yaml"
+    recipe.write_text(yaml.safe_dump(demo_recipe(teacher, data, run_dir, args.steps, args.nproc), sort_keys=False))
+    log(f"distillation: senseflow train {recipe} --nproc {args.nproc}")
+    rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(recipe), "--nproc", str(args.nproc)])
+    if rc != 0:
+        print(f"senseflow demo: distillation failed (exit {rc}); its output is above.", file=sys.stderr)
+        return rc
+    results = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log)
+    results["seconds_total"] = round(time.time() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\nsampler                 Frechet distance   prompt accuracy")
+    for name in ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"):
+        r = results[name]
+        print(f"{name:22s} {r['fd']:16.2f} {r['accuracy']:16.1%}")
+    print(f"\nresults: {out / 'results.json'}   grid: {out / 'grid.png'}   TensorBoard: {run_dir / 'tensorboard'}")
+    return 0

@@ -1,0 +1,164 @@
+"""`senseflow eval`: FID, FID-T, patch FID and CLIP score of a folder of generated images (torchmetrics).
+
+    senseflow eval --images samples/ --reference coco5k/ --inception inception-2015-12-05.pt \\
+                   --clip /models/clip-vit-large-patch14 --prompts samples/prompts.txt
+
+- FID: torchmetrics' FrechetInceptionDistance on features of the Inception
+  network the user supplies locally (`--inception`: the TorchScript
+  `inception-2015-12-05.pt` that clean-fid / StyleGAN3 use, which takes uint8
+  images and returns 2048-d pool features). No weights are downloaded.
+- FID-T (as in the SenseFlow paper): the same, with `--reference` pointing at
+  the teacher's many-step samples for the same prompts (`senseflow sample
+  --steps 50 --cfg ...` on the teacher checkpoint).
+- Patch FID: FID over `--patches-per-image` random 299 x 299 crops of each
+  image at full resolution (fixed seed), which sees the detail that resizing to 299 hides.
+- CLIP score: torchmetrics' CLIPScore with a local CLIP (`--clip`, a transformers
+  CLIPModel + processor directory) on each image and its prompt
+  (`--prompts`: one line per image in file-name order, as `senseflow sample` writes
+  `prompts.txt`, or a line per prompt index `NNNNN_KK.png`).
+Images are read in sorted file-name order; PNG/JPEG/WebP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+class InceptionFeatures(nn.Module):
+    """Wraps a TorchScript Inception (uint8 NCHW -> 2048 pool features) for torchmetrics' FID."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.net = torch.jit.load(path, map_location="cpu").eval()
+        self.num_features = 2048
+
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x_uint8.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in EXTS)
+    if not files:
+        raise ValueError(f"{folder} holds no PNG/JPEG/WebP images.")
+    return files
+
+
+def load_uint8(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def random_patches(img: torch.Tensor, size: int, count: int, g: torch.Generator) -> list[torch.Tensor]:
+    _, h, w = img.shape
+    if h < size or w < size:
+        return [F.interpolate(img[None].float(), size=(size, size), mode="bilinear")[0].to(torch.uint8)]
+    ys = torch.randint(0, h - size + 1, (count,), generator=g)
+    xs = torch.randint(0, w - size + 1, (count,), generator=g)
+    return [img[:, y : y + size, x : x + size] for y, x in zip(ys.tolist(), xs.tolist())]
+
+
+def fid(feature: nn.Module, generated: list[Path], reference: list[Path], batch: int = 32,
+        patches: int = 0, patch_size: int = 299, seed: int = 0) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=feature, normalize=False)
+    g = torch.Generator().manual_seed(seed)
+    for files, real in ((reference, True), (generated, False)):
+        pending: list[torch.Tensor] = []
+        for f in files:
+            img = load_uint8(f)
+            if patches:
+                pending.extend(random_patches(img, patch_size, patches, g))
+            else:
+                pending.append(F.interpolate(img[None].float(), size=(299, 299), mode="bilinear")[0].to(torch.uint8))
+            while len(pending) >= batch:
+                metric.update(torch.stack(pending[:batch]), real=real)
+                pending = pending[batch:]
+        if pending:
+            metric.update(torch.stack(pending), real=real)
+    return float(metric.compute())
+
+
+def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    def local():
+        return (CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
+                CLIPProcessor.from_pretrained(clip_dir, local_files_only=True))
+
+    metric = CLIPScore(model_name_or_path=local)
+    for i in range(0, len(images), batch):
+        imgs = [load_uint8(p) for p in images[i : i + batch]]
+        metric.update(imgs, prompts[i : i + batch])
+    return float(metric.compute())
+
+
+def prompts_for(images: list[Path], prompts_file: str) -> list[str]:
+    lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+    if len(lines) == len(images):
+        return lines
+    try:  # senseflow sample names files PROMPTINDEX_SAMPLE.png
+        return [lines[int(p.stem.split("_")[0])] for p in images]
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"{prompts_file} has {len(lines)} prompts for {len(images)} images; give one per image "
+            "or name images NNNNN_KK.png by prompt index (as `senseflow sample` does)."
+        ) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of generated images")
+    p.add_argument("--reference", help="folder of reference images (real images for FID, teacher samples for FID-T)")
+    p.add_argument("--inception", help="local TorchScript Inception (inception-2015-12-05.pt) for FID / patch FID")
+    p.add_argument("--clip", help="local transformers CLIP directory for CLIP score")
+    p.add_argument("--prompts", help="prompts of the generated images (for CLIP score)")
+    p.add_argument("--metrics", default="fid,patch_fid,clip", help="comma list of fid, patch_fid, clip")
+    p.add_argument("--patches-per-image", type=int, default=4)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", help="write the results as JSON here")
+
+
+def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
+    from .config import ConfigError
+
+    wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {"fid", "patch_fid", "clip"})
+    if unknown:
+        raise ConfigError(f"--metrics {unknown} unknown; choose from fid, patch_fid, clip.")
+    try:
+        images = list_images(args.images)
+        results: dict[str, float] = {"num_images": len(images)}
+        if {"fid", "patch_fid"} & set(wanted):
+            if not args.reference or not (args.inception or feature is not None):
+                raise ConfigError("FID needs --reference (a folder of images) and --inception (a local TorchScript Inception).")
+            feature = feature if feature is not None else InceptionFeatures(args.inception)
+            reference = list_images(args.reference)
+            if "fid" in wanted:
+                results["fid"] = fid(feature, images, reference, args.batch)
+            if "patch_fid" in wanted:
+                results["patch_fid"] = fid(feature, images, reference, args.batch, patches=args.patches_per_image)
+        if "clip" in wanted:
+            if not args.clip or not args.prompts:
+                raise ConfigError("CLIP score needs --clip (a local CLIP directory) and --prompts.")
+            results["clip_score"] = clip_score(args.clip, images, prompts_for(images, args.prompts), min(args.batch, 16))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+    for k, v in results.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
