@@ -114,6 +114,8 @@ class Objective:
             return self.T.forward(x, sigma, st.text, st.pooled, st.guidance)
         g_in = torch.ones_like(st.guidance) if getattr(self.T.arch, "guidance_embeds", False) else None
         v_c = self.T.forward(x, sigma, st.text, st.pooled, g_in)
+        if bool((st.guidance == 1.0).all()):
+            return v_c  # scale 1 is the conditional model: skip the empty-prompt pass
         v_u = self.T.forward(x, sigma, st.neg_text, st.neg_pooled, g_in)
         return v_u + flow.bcast(st.guidance, v_c) * (v_c - v_u)
 

@@ -148,7 +148,9 @@ class Trainer:
         st = obj.student_input(batch)
         obj.reference_maps(st)
         logs: dict[str, float] = {}
-        if self.step % c.distill.ttur == 0:
+        # the fake score and discriminator update every iteration, the generator every ttur-th, after
+        # the fake score had ttur - 1 updates of its own (and on logged steps when log_every % ttur == 0)
+        if (self.step + 1) % c.distill.ttur == 0:
             v0 = obj.generator_update(st)
             if self._all_finite(st.logs, "gen/"):
                 ok, gnorm = self.G.step()

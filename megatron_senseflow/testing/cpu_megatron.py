@@ -51,22 +51,43 @@ class _CudaToCpu(TorchFunctionMode):
     """Rewrite CUDA device arguments of tensor factories and moves to CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        name = getattr(func, "__name__", "")
-        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
-            return args[0]
-        if name == "to" and args and isinstance(args[0], torch.Tensor):
-            if len(args) > 1 and _is_cuda(args[1]):
-                args = (args[0], "cpu", *args[2:])
-        if name in ("pin_memory",) and args and isinstance(args[0], torch.Tensor):
-            return args[0]
-        if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            # megatron's optimizers dispatch on the legacy type string ('torch.cuda.FloatTensor')
-            t = func(*args)
-            return t.replace("torch.", "torch.cuda.", 1) if t.startswith("torch.") and ".cuda." not in t else t
-        return func(*args, **kwargs)
+        # hot path: every torch call of a CPU run passes here, so the common case is two checks
+        if kwargs:
+            dev = kwargs.get("device")
+            if dev is not None and _is_cuda(dev):
+                kwargs = {**kwargs, "device": "cpu"}
+        else:
+            kwargs = {}
+        special = _SPECIAL.get(func)
+        if special is None:
+            return func(*args, **kwargs)
+        return special(func, args, kwargs)
+
+
+def _cuda(func, args, kwargs):
+    return args[0]
+
+
+def _to(func, args, kwargs):
+    if len(args) > 1 and _is_cuda(args[1]):
+        args = (args[0], "cpu", *args[2:])
+    return func(*args, **kwargs)
+
+
+def _type(func, args, kwargs):
+    if len(args) == 1 and not kwargs:
+        # megatron's optimizers dispatch on the legacy type string ('torch.cuda.FloatTensor')
+        t = func(*args)
+        return t.replace("torch.", "torch.cuda.", 1) if t.startswith("torch.") and ".cuda." not in t else t
+    return func(*args, **kwargs)
+
+
+_SPECIAL = {
+    torch.Tensor.cuda: _cuda,
+    torch.Tensor.pin_memory: _cuda,
+    torch.Tensor.to: _to,
+    torch.Tensor.type: _type,
+}
 
 
 class _NullStream:
