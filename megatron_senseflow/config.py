@@ -151,8 +151,9 @@ class DiscriminatorConfig:
     """Train the vision-foundation-model discriminator and use the GAN term."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the trainable heads."""
-    dinov2: str = "tiny"
-    """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config.
+    dinov2: str | None = "tiny"
+    """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config
+    (None in the big recipes: the user must set it).
     The text condition is the pooled CLIP embedding every batch already carries (FLUX: CLIP-L; SD3: CLIP-L+G)."""
     vae: str | None = None
     """Local path of the diffusers VAE (AutoencoderKL) that decodes latents; None or 'pixel' = exact
@@ -281,6 +282,33 @@ class Config:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """TensorBoard and sample grids."""
+
+    def missing_assets(self) -> list[str]:
+        """Sentences naming the local paths a real (non-tiny) run still needs; empty when it can start.
+
+        Bundled recipes leave these paths null because nothing is downloaded; starting a
+        12B run against a random teacher or a random DINOv2 would burn a cluster for nothing.
+        """
+        if self.model.preset.startswith("tiny"):
+            return []
+        missing = []
+        label = self.model.preset
+        if not self.roles.teacher.checkpoint:
+            missing.append(f"roles.teacher.checkpoint is not set: a {label} run needs the teacher converted with "
+                           f"`senseflow convert import --hf DIR --out CKPT`; pass roles.teacher.checkpoint=CKPT.")
+        if not self.data.path:
+            missing.append(f"data.path is not set: a {label} run needs shards from `senseflow prepare-data`; "
+                           f"pass data.path=DIR.")
+        dc = self.roles.discriminator
+        if dc.enabled and self.method != "sid":
+            if not dc.dinov2 or dc.dinov2 == "tiny":
+                missing.append(f"roles.discriminator.dinov2 is {dc.dinov2!r}: a {label} run needs a local DINOv2 "
+                               f"ViT-L/14 directory; pass roles.discriminator.dinov2=DIR (or disable the "
+                               f"discriminator with roles.discriminator.enabled=false).")
+            if not dc.vae or dc.vae == "pixel":
+                missing.append(f"roles.discriminator.vae is {dc.vae!r}: a {label} run decodes latents with the "
+                               f"pipeline's VAE; pass roles.discriminator.vae=DIR/vae.")
+        return missing
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError with one sentence for the first thing that cannot run."""

@@ -59,6 +59,9 @@ class Trainer:
                 f"the config asks for tp={cfg.parallel.tp} pp={cfg.parallel.pp} but the process groups were built "
                 f"with tp={env.tp} pp={env.pp}; initialise distributed from the same config."
             )
+        missing = cfg.missing_assets()
+        if missing:
+            raise ConfigError(missing[0])
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32

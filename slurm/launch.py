@@ -316,6 +316,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     # Validate exactly the config the job will run: recipe + overrides + layout.
     cfg = load_config(str(recipe), [*args.overrides, f"parallel.tp={tp}", f"parallel.pp={pp}"])
     check_layout(cfg, args.nodes, args.gpus_per_node, tp, pp)
+    missing = cfg.missing_assets()
+    if missing:  # refuse before the job waits in the queue only to stop at its first line
+        raise ConfigError(missing[0])
 
     template = load_template(args.template or template_for(cfg))
     d = template.defaults

@@ -103,3 +103,31 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_config(str(p))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("name, ttur, ida, isg, gan, guidance, mode", [
+    ("flux_dev", 5, 0.97, 1.0, 2.0, (1.0, 8.0), "embedding"),
+    ("sd35_large", 5, 0.97, 1.0, 0.1, (3.0, 10.0), "cfg"),
+    ("sd35_medium", 10, 0.98, 0.5, 0.1, (2.0, 8.0), "cfg"),
+])
+def test_big_recipes_carry_the_authors_hyper_parameters(name, ttur, ida, isg, gan, guidance, mode):
+    cfg = load_config(name)
+    d = cfg.distill
+    assert (d.ttur, d.ida_lambda, d.isg_weight, d.gan_weight) == (ttur, ida, isg, gan)
+    assert (d.guidance_min, d.guidance_max, d.guidance_mode) == (*guidance, mode)
+    assert cfg.data.resolution == 1024 and cfg.data.micro_batch_size == 1
+    lr = 1e-5 if name == "flux_dev" else 1e-6
+    assert cfg.roles.generator.optimizer.lr == lr and cfg.roles.fake_score.optimizer.lr == lr
+    # real runs need local paths; the trainer and the launcher refuse without them
+    assert any(m.startswith("roles.teacher.checkpoint is not set") for m in cfg.missing_assets())
+
+
+def test_flux_recipe_anchors_are_the_papers_at_1024px():
+    from megatron_senseflow import flow
+    from models.flops import image_tokens
+
+    cfg = load_config("flux_dev")
+    arch = cfg.model.teacher_arch()
+    side = cfg.data.resolution // 8  # FLUX VAE downsamples by 8
+    m = cfg.distill.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
+    assert flow.anchors(cfg.distill.num_steps, m) == pytest.approx([1.0, 0.904, 0.759, 0.512], abs=1e-3)  # the paper truncates to 3 digits

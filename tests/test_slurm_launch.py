@@ -38,21 +38,23 @@ def _command_words(script: str) -> list[str]:
     ).stdout.splitlines()
 
 
+ASSETS = ["roles.teacher.checkpoint=/ckpt/teacher", "data.path=/data/shards",
+          "roles.discriminator.dinov2=/ckpt/dinov2-large", "roles.discriminator.vae=/ckpt/vae"]
+
+
 @pytest.mark.parametrize(
-    "preset, tp, pp, template",
+    "recipe, overrides, tp, pp, template",
     [
-        ("flux-dev", 4, 1, "flux_dev"),
-        ("sd35-large", 2, 2, "sd35_large"),
-        ("sd35-medium", 1, 1, "sd35_medium"),
-        ("tiny-flux", 2, 1, "tiny"),
-        ("sd3-medium", 2, 1, "generic"),
+        ("flux_dev", ASSETS, 4, 1, "flux_dev"),
+        ("sd35_large", ASSETS, 2, 2, "sd35_large"),
+        ("sd35_medium", ASSETS, 1, 1, "sd35_medium"),
+        ("tiny", ["model.preset=tiny-flux"], 2, 1, "tiny"),
+        # no recipe of its own: the tiny one with another preset picks the generic template
+        ("tiny", ["model.preset=sd3-medium", "distill.guidance_mode=cfg", *ASSETS], 2, 1, "generic"),
     ],
 )
-def test_template_per_recipe_renders_a_valid_script(tmp_path, preset, tp, pp, template):
-    # the recipes of the big models come with the trainer; the tiny one with
-    # another preset stands in for them (templates are chosen by preset)
-    guidance = "distill.guidance_mode=" + ("embedding" if preset.startswith(("flux", "tiny-flux")) else "cfg")
-    spec = _spec(tmp_path, "tiny", f"model.preset={preset}", guidance, "--nodes", "4", "--gpus-per-node", "8", "--tp", str(tp), "--pp", str(pp), "--partition", "gpu", "--account", "proj1")
+def test_template_per_recipe_renders_a_valid_script(tmp_path, recipe, overrides, tp, pp, template):
+    spec = _spec(tmp_path, recipe, *overrides, "--nodes", "4", "--gpus-per-node", "8", "--tp", str(tp), "--pp", str(pp), "--partition", "gpu", "--account", "proj1")
     assert spec.template.name == template
     text = launch.render(spec)
     assert "{{" not in text and "}}" not in text
@@ -76,15 +78,22 @@ def test_template_per_recipe_renders_a_valid_script(tmp_path, preset, tp, pp, te
     assert all(i < first_cmd for i, l in enumerate(lines) if l.startswith("#SBATCH"))
     assert f"source {SLURM_DIR}/job.sh" in lines
     words = _command_words(text)
-    assert words[-6:] == [
-        str(launch.resolve_recipe("tiny").resolve()),
+    expected = [
+        str(launch.resolve_recipe(recipe).resolve()),
         f"train.output_dir={tmp_path / 'out'}",
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
-        f"model.preset={preset}",
-        guidance,
+        *overrides,
     ]
-    assert words[:-6] == launch.default_entry()
+    assert words[-len(expected):] == expected
+    assert words[:-len(expected)] == launch.default_entry()
+
+
+def test_big_recipe_without_teacher_is_refused_before_queueing(tmp_path):
+    with pytest.raises(ConfigError, match=r"^roles\.teacher\.checkpoint is not set: a flux-dev run needs"):
+        _spec(tmp_path, "flux_dev", "--nodes", "4", "--gpus-per-node", "8")
+    with pytest.raises(ConfigError, match=r"^roles\.discriminator\.dinov2 is None"):
+        _spec(tmp_path, "sd35_medium", *ASSETS[:2], "--nodes", "1", "--gpus-per-node", "8")
 
 
 def test_default_entry_is_the_venv_senseflow_train():
