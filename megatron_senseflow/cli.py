@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     verb, rest = argv[0], argv[1:]
+    from .train_cli import quiet_known_warnings
+
+    quiet_known_warnings()
     module = _load(verb)
     if module is None:
         print(f"senseflow {verb}: not available in this build yet.", file=sys.stderr)

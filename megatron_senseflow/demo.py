@@ -150,7 +150,7 @@ def config_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_teacher(directory: Path, text: DigitsText, log) -> None:
+def train_teacher(directory: Path, text: DigitsText, log, steps: int | None = None) -> None:
     """Rectified-flow training of the small FLUX teacher on all digits (single process)."""
     from megatron_senseflow import flow
     from megatron_senseflow.config import ParallelConfig
@@ -160,7 +160,7 @@ def train_teacher(directory: Path, text: DigitsText, log) -> None:
     from models.checkpoint_io import save_model
     from models.configs import make_arch
 
-    tt = TEACHER_TRAIN
+    tt = {**TEACHER_TRAIN, "steps": steps or TEACHER_TRAIN["steps"]}
     init_distributed(ParallelConfig(), seed=tt["seed"], device="cpu")
     arch = make_arch("tiny-flux", TEACHER)
     model = build_model(arch, transformer_config(arch))
@@ -194,8 +194,9 @@ def train_teacher(directory: Path, text: DigitsText, log) -> None:
     destroy_distributed()
 
 
-def ensure_teacher(cache: Path, log) -> tuple[Path, DigitsText]:
-    key = config_key({"arch": TEACHER, "train": TEACHER_TRAIN, "templates": TEMPLATES, "res": RES, "v": 1})
+def ensure_teacher(cache: Path, log, steps: int | None = None) -> tuple[Path, DigitsText]:
+    train = {**TEACHER_TRAIN, "steps": steps or TEACHER_TRAIN["steps"]}
+    key = config_key({"arch": TEACHER, "train": train, "templates": TEMPLATES, "res": RES, "v": 1})
     root = cache / f"teacher-{key}"
     text = digits_text()
     if (root / "senseflow_model.json").is_file():
@@ -208,8 +209,8 @@ def ensure_teacher(cache: Path, log) -> tuple[Path, DigitsText]:
     shutil.rmtree(tmp, ignore_errors=True)
     # a separate process: the teacher's process group must not outlive it
     code = ("import sys; from pathlib import Path; from megatron_senseflow import demo; "
-            "demo.train_teacher(Path(sys.argv[1]), demo.digits_text(), print)")
-    rc = subprocess.call([sys.executable, "-c", code, str(tmp)])
+            "demo.train_teacher(Path(sys.argv[1]), demo.digits_text(), print, int(sys.argv[2]))")
+    rc = subprocess.call([sys.executable, "-c", code, str(tmp), str(train["steps"])])
     if rc != 0:
         raise RuntimeError(f"teacher training failed (exit {rc})")
     tmp.rename(root)
@@ -373,7 +374,7 @@ def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cf
                     "dmd_t_sampling": "logit_normal", "ida_lambda": 0.97, "isg_weight": 1.0, "gan_weight": 0.1},
         "train": {"max_steps": steps, "output_dir": str(out), "seed": 1, "device": "cpu"},
         "checkpoint": {"every": 100, "keep_last": 2},
-        "logging": {"log_every": 10, "image_every": 100},
+        "logging": {"log_every": max(1, min(10, steps // 10)), "image_every": 100},
     }
 
 
@@ -385,6 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="distillation iterations")
     p.add_argument("--per-digit", type=int, default=100, help="samples per digit for the evaluation")
     p.add_argument("--cfg", type=float, default=1.0, help="teacher CFG scale, in distillation and for the teacher rows")
+    p.add_argument("--teacher-steps", type=int, default=TEACHER_TRAIN["steps"],
+                   help="teacher training steps (fewer only for smoke tests: a weak teacher makes a weak student)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -397,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     def log(msg):
         print(f"[demo {time.time() - t_start:5.0f}s] {msg}", flush=True)
 
-    teacher, text = ensure_teacher(Path(args.cache), log)
+    teacher, text = ensure_teacher(Path(args.cache), log, args.teacher_steps)
     data = write_data(out, text)
     log(f"data: encoded shards in {data}")
     run_dir = out / "run"

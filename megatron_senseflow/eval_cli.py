@@ -1,4 +1,4 @@
-"""`senseflow eval`: FID, FID-T, patch FID and CLIP score of a folder of generated images (torchmetrics).
+"""`senseflow eval`: FID, FID-T, patch FID and CLIP score of a folder of generated images.
 
     senseflow eval --images samples/ --reference coco5k/ --inception inception-2015-12-05.pt \\
                    --clip /models/clip-vit-large-patch14 --prompts samples/prompts.txt
@@ -12,7 +12,7 @@
   --steps 50 --cfg ...` on the teacher checkpoint).
 - Patch FID: FID over `--patches-per-image` random 299 x 299 crops of each
   image at full resolution (fixed seed), which sees the detail that resizing to 299 hides.
-- CLIP score: torchmetrics' CLIPScore with a local CLIP (`--clip`, a transformers
+- CLIP score: 100 * max(cos, 0) of CLIP image and text embeddings, with a local CLIP (`--clip`, a transformers
   CLIPModel + processor directory) on each image and its prompt
   (`--prompts`: one line per image in file-name order, as `senseflow sample` writes
   `prompts.txt`, or a line per prompt index `NNNNN_KK.png`).
@@ -33,12 +33,17 @@ EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 class InceptionFeatures(nn.Module):
-    """Wraps a TorchScript Inception (uint8 NCHW -> 2048 pool features) for torchmetrics' FID."""
+    """Wraps a TorchScript Inception (uint8 NCHW -> 2048 pool features) for torchmetrics' FID.
+
+    The feature width is read off one probe forward, so another TorchScript feature
+    network with the same calling convention works too.
+    """
 
     def __init__(self, path: str):
         super().__init__()
         self.net = torch.jit.load(path, map_location="cpu").eval()
-        self.num_features = 2048
+        with torch.no_grad():
+            self.num_features = int(self(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[-1])
 
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x_uint8.float(), size=(299, 299), mode="bilinear", align_corners=False)
@@ -46,6 +51,8 @@ class InceptionFeatures(nn.Module):
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder} is not a folder of images.")
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in EXTS)
     if not files:
         raise ValueError(f"{folder} holds no PNG/JPEG/WebP images.")
@@ -91,18 +98,28 @@ def fid(feature: nn.Module, generated: list[Path], reference: list[Path], batch:
 
 
 def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    """Mean of 100 * max(cos(image, prompt), 0) over the images (the CLIPScore definition).
+
+    Computed here rather than through torchmetrics' CLIPScore, which breaks on
+    transformers 5 (its get_*_features return model outputs, not tensors).
+    """
     from transformers import CLIPModel, CLIPProcessor
 
-    def local():
-        return (CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
-                CLIPProcessor.from_pretrained(clip_dir, local_files_only=True))
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
 
-    metric = CLIPScore(model_name_or_path=local)
+    def tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    total = 0.0
     for i in range(0, len(images), batch):
         imgs = [load_uint8(p) for p in images[i : i + batch]]
-        metric.update(imgs, prompts[i : i + batch])
-    return float(metric.compute())
+        inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
+        with torch.no_grad():
+            img = tensor(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = tensor(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        total += float((100 * F.cosine_similarity(img.float(), txt.float()).clamp(min=0)).sum())
+    return total / len(images)
 
 
 def prompts_for(images: list[Path], prompts_file: str) -> list[str]:

@@ -23,10 +23,31 @@ def _launched() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
+# megatron-core and torch warn at import and on first use about optional CUDA packages and
+# their own internal deprecations; expected on CPU or without apex, and they bury the
+# progress lines. Anything else still shows.
+_KNOWN_NOISE = (
+    "Transformer Engine and Apex are not installed",
+    "full scope is deprecated",
+    "`load_state_dict` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    import re
+    import warnings
+
+    for msg in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(msg))
+
+
 def run(args: argparse.Namespace) -> int:
     from . import signals
 
     signals.install()
+    quiet_known_warnings()
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes

@@ -1,0 +1,260 @@
+"""`senseflow demo`, `sample`, `export` and `eval` end to end, shortened.
+
+The demo runs exactly as `make demo` does (teacher training in its own process,
+prepare-data, `senseflow train` as a subprocess, evaluation), with a 30-step
+teacher, 4 distillation steps and 5 samples per digit, so its numbers are
+meaningless; what is checked is that every stage ran and wrote what a user
+reads. The demo's real numbers are in the README (`make demo`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_senseflow import cli
+
+pytestmark = pytest.mark.slow
+
+SENSEFLOW = [sys.executable, "-m", "megatron_senseflow.cli"]
+
+
+def _run(*args, cwd=None, check=True):
+    r = subprocess.run([*SENSEFLOW, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if check and r.returncode != 0:
+        raise AssertionError(f"senseflow {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    r = _run("demo", "--out", root / "out", "--cache", root / "cache", "--teacher-steps", 30, "--steps", 4,
+             "--per-digit", 5)
+    return root, r.stdout
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def test_demo_trains_teacher_distils_and_scores_every_sampler(demo):
+    root, stdout = demo
+    out = root / "out"
+    assert "teacher: training" in stdout and "teacher step 30/30" in stdout
+    results = json.loads((out / "results.json").read_text())
+    for name in ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"):
+        fd, acc = results[name]["fd"], results[name]["accuracy"]
+        assert math.isfinite(fd) and fd >= 0, (name, fd)
+        assert 0.0 <= acc <= 1.0 and acc * 50 == pytest.approx(round(acc * 50)), (name, acc)  # 50 samples
+    assert results["real"]["classifier_held_out_accuracy"] > 0.9  # the classifier itself must work
+    # the table the user reads, one line per sampler
+    for name in ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"):
+        assert any(line.startswith(name) for line in stdout.splitlines()), name
+    # grid: 4 rows (samplers) x 10 digits of 16 px + 1 px border each side, 3x upscaled
+    grid = _png(out / "grid.png")
+    assert grid.shape[:2] == (4 * 18 * 3, 10 * 18 * 3)
+    # the distillation went through the product's trainer: checkpoint, TensorBoard, metrics
+    run = out / "run"
+    assert (run / "checkpoints" / "step_00000004" / "generator").is_dir()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
+    assert json.loads((run / "DONE").read_text())["step"] == 4
+
+
+def test_teacher_cache_is_reused(demo):
+    from megatron_senseflow import demo as demo_mod
+
+    root, _ = demo
+    lines = []
+    path, _ = demo_mod.ensure_teacher(root / "cache", lines.append, 30)
+    assert lines == [f"teacher: cached at {path}"]
+    # another teacher config is another cache entry, not the old weights
+    assert demo_mod.config_key({"a": 1}) != demo_mod.config_key({"a": 2})
+
+
+@pytest.fixture(scope="module")
+def prompts(demo):
+    root, _ = demo
+    p = root / "prompts.txt"
+    p.write_text("a handwritten digit three\na handwritten digit seven\n\na handwritten digit zero\n")
+    return p
+
+
+def _sample(src_flag, src, out, prompts, *extra):
+    return _run("sample", src_flag, src, "--text-encoder", "demo", "--resolution", 16, "--prompts", prompts,
+                "--out", out, "--batch", 4, "--per-prompt", 2, *extra)
+
+
+def test_sample_from_checkpoint_is_seeded_and_per_prompt(demo, prompts, tmp_path):
+    root, _ = demo
+    run = root / "out" / "run"
+    _sample("--ckpt", run, tmp_path / "a", prompts, "--sampler", "stochastic", "--seed", "3")
+    _sample("--ckpt", run, tmp_path / "b", prompts, "--sampler", "stochastic", "--seed", "3")
+    _sample("--ckpt", run, tmp_path / "c", prompts, "--sampler", "stochastic", "--seed", "4")
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert names == [f"{i:05d}_{k:02d}.png" for i in range(3) for k in range(2)]  # the blank line is no prompt
+    assert (tmp_path / "a" / "prompts.txt").read_text().splitlines()[2] == "a handwritten digit zero"
+    a = [_png(tmp_path / "a" / n) for n in names]
+    assert a[0].shape == (16, 16)  # grey digits at the requested resolution
+    assert all(np.array_equal(x, _png(tmp_path / "b" / n)) for x, n in zip(a, names))
+    assert not all(np.array_equal(x, _png(tmp_path / "c" / n)) for x, n in zip(a, names))
+    assert not np.array_equal(a[0], a[1])  # two samples of one prompt differ
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sample_one_and_two_steps(demo, prompts, tmp_path, steps):
+    root, _ = demo
+    _sample("--ckpt", root / "out" / "run", tmp_path, prompts, "--steps", steps, "--sampler", "euler")
+    assert len(list(tmp_path.glob("*.png"))) == 6
+
+
+def test_exported_diffusers_student_samples_like_the_checkpoint(demo, prompts, tmp_path):
+    root, _ = demo
+    run = root / "out" / "run"
+    _run("export", "--ckpt", run, "--out", tmp_path / "hf", "--no-progress")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    _sample("--ckpt", run, tmp_path / "m", prompts, "--sampler", "euler")
+    _sample("--diffusers", tmp_path / "hf", tmp_path / "d", prompts, "--sampler", "euler")
+    for p in sorted((tmp_path / "m").glob("*.png")):
+        diff = np.abs(_png(p).astype(int) - _png(tmp_path / "d" / p.name).astype(int))
+        assert diff.max() <= 1, p.name  # same weights, same noise: at most one grey level of rounding
+
+
+def test_sample_refuses_an_empty_prompt_file(demo, tmp_path):
+    root, _ = demo
+    empty = tmp_path / "none.txt"
+    empty.write_text("\n\n")
+    r = _run("sample", "--ckpt", root / "out" / "run", "--text-encoder", "demo", "--prompts", empty, "--out", tmp_path / "o",
+             check=False)
+    assert r.returncode == 2 and "holds no prompts" in r.stderr
+
+
+# --------------------------------------------------------------------------- eval
+
+
+class _StandInInception(torch.nn.Module):
+    """Stand-in for the TorchScript Inception: uint8 NCHW -> 64 fixed random features.
+
+    The real network is a download the tests cannot make; what the test checks is
+    our plumbing (folders, resizing, patches, torchmetrics' Frechet distance), which
+    the feature extractor does not change.
+    """
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(3 * 16 * 16, 64, generator=g) / 28.0, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 16).flatten(1)
+        return torch.tanh(x @ self.proj)
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}_00.png")
+
+
+def test_eval_fid_and_patch_fid(tmp_path):
+    from megatron_senseflow.demo import digit_images
+
+    torch.jit.script(_StandInInception()).save(str(tmp_path / "inception.pt"))
+    images, _ = digit_images()
+    digits = ((images[:, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    big = np.kron(digits, np.ones((20, 20), dtype=np.uint8))  # 320 px, so patch FID takes real crops
+    _write_pngs(tmp_path / "real", big[:40])
+    _write_pngs(tmp_path / "real2", big[40:80])
+    noise = np.random.default_rng(0).integers(0, 256, size=(40, 320, 320), dtype=np.uint8)
+    _write_pngs(tmp_path / "noise", noise)
+
+    def evaluate(images, reference):
+        out = tmp_path / f"{images}-{reference}.json"
+        args = ["eval", "--images", tmp_path / images, "--reference", tmp_path / reference, "--inception",
+                tmp_path / "inception.pt", "--metrics", "fid,patch_fid", "--patches-per-image", 2, "--out", out]
+        if images == "real":  # once as users run it; in-process otherwise (the interpreter start-up is most of the time)
+            _run(*args)
+        else:
+            assert cli.main(list(map(str, args))) == 0
+        return json.loads(out.read_text())
+
+    same = evaluate("real", "real")
+    other_digits = evaluate("real2", "real")
+    noise_vs_real = evaluate("noise", "real")
+    assert same["num_images"] == 40
+    assert abs(same["fid"]) < 1e-2
+    assert same["fid"] < other_digits["fid"] < noise_vs_real["fid"]
+    assert other_digits["patch_fid"] < noise_vs_real["patch_fid"]
+
+
+def _tiny_clip(directory: Path) -> None:
+    """A random CLIP with a character-level BPE vocabulary, saved like a real one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {tok: i for i, tok in enumerate(letters + [l + "</w>" for l in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    directory.mkdir()
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=32)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                         tokenizer=tok)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(directory)
+    proc.save_pretrained(directory)
+
+
+def test_eval_clip_score_pairs_each_image_with_its_prompt(tmp_path):
+    """CLIPScore through our loader equals 100 * max(cos, 0) computed by hand with the same model."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    _tiny_clip(tmp_path / "clip")
+    rng = np.random.default_rng(1)
+    _write_pngs(tmp_path / "imgs", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
+    lines = ["a red cat", "two dogs", "a blue house"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    _run("eval", "--images", tmp_path / "imgs", "--clip", tmp_path / "clip", "--prompts", tmp_path / "prompts.txt",
+         "--metrics", "clip", "--out", tmp_path / "r.json")
+    got = json.loads((tmp_path / "r.json").read_text())["clip_score"]
+
+    from megatron_senseflow.eval_cli import list_images, load_uint8
+
+    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    proc = CLIPProcessor.from_pretrained(tmp_path / "clip")
+    imgs = [load_uint8(p) for p in list_images(tmp_path / "imgs")]
+    with torch.no_grad():
+        batch = proc(text=lines, images=imgs, return_tensors="pt", padding=True)
+        i = model.get_image_features(pixel_values=batch["pixel_values"])
+        t = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    i = getattr(i, "pooler_output", i)
+    t = getattr(t, "pooler_output", t)
+    cos = torch.nn.functional.cosine_similarity(i, t)
+    assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
+
+
+def test_eval_says_what_is_missing(tmp_path):
+    _write_pngs(tmp_path / "imgs", np.zeros((2, 8, 8), dtype=np.uint8))
+    r = _run("eval", "--images", tmp_path / "imgs", "--metrics", "fid", check=False)
+    assert r.returncode == 2 and "FID needs --reference" in r.stderr
+    r = _run("eval", "--images", tmp_path / "nothing-here", "--metrics", "clip", check=False)
+    assert r.returncode == 2 and "is not a folder of images" in r.stderr and "Traceback" not in r.stderr
