@@ -32,6 +32,9 @@ class DiffusersVAE(nn.Module):
         from diffusers import AutoencoderKL
 
         self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True).eval().requires_grad_(False)
+        # the generator's GAN term backpropagates through the decoder: at 1024 px its saved
+        # activations would be ~9 GB per sample in bf16; checkpointing keeps block inputs only
+        self.vae.enable_gradient_checkpointing()
         self.scale = float(self.vae.config.scaling_factor)
         self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.latent_channels = self.vae.config.latent_channels

@@ -45,7 +45,10 @@ class ModelConfig:
     recompute_num_layers: int | None = None
     """With recompute='full': recompute only the first N blocks of each stage (None = all)."""
     params_dtype: str = "bfloat16"
-    """Dtype of the model weights: 'bfloat16' or 'float32' (CPU runs and parity tests use float32)."""
+    """Dtype of the DiT weights of every role: 'bfloat16' or 'float32' (CPU runs and parity tests use float32)."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling of roles with precision 'fp8' (TE): 'delayed', 'tensorwise' (current scaling),
+    'blockwise', or 'mxfp8' (Blackwell GPUs only)."""
 
     def teacher_arch(self) -> Arch:
         return make_arch(self.preset, self.arch)
@@ -142,7 +145,7 @@ class TeacherConfig:
     precision: str = "bf16"
     """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
     fp8_weights: bool = False
-    """Keep the frozen teacher's weights in FP8 to save memory (TE only)."""
+    """Keep the frozen teacher's GEMM weights in FP8 to save memory (needs precision 'fp8')."""
 
 
 @dataclass(kw_only=True)
@@ -363,6 +366,20 @@ class Config:
                 raise ConfigError(f"roles.{role}.precision={prec!r} is not allowed; use one of {', '.join(allowed)}.")
             if prec == "fp8" and self.model.spec != "te":
                 raise ConfigError(f"roles.{role}.precision=fp8 needs model.spec=te (TransformerEngine).")
+            # the DiT roles share one weight dtype (IDA blends generator into fake score elementwise);
+            # their precision says how they compute on it
+            want = "float32" if prec == "fp32" else "bfloat16"
+            if role != "discriminator" and self.model.params_dtype != want:
+                raise ConfigError(
+                    f"roles.{role}.precision={prec} computes on {want} weights but model.params_dtype is "
+                    f"{self.model.params_dtype}; set model.params_dtype={want} or change the role's precision."
+                )
+        if self.model.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+            raise ConfigError(
+                f"model.fp8_recipe={self.model.fp8_recipe!r} is unknown; use delayed, tensorwise, blockwise or mxfp8."
+            )
+        if self.roles.teacher.fp8_weights and self.roles.teacher.precision != "fp8":
+            raise ConfigError("roles.teacher.fp8_weights=true needs roles.teacher.precision=fp8.")
         d = self.distill
         if d.num_steps < 1:
             raise ConfigError(f"distill.num_steps={d.num_steps} must be at least 1.")

@@ -187,8 +187,21 @@ class VFMDiscriminator(nn.Module):
             maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side).float())
         return maps
 
+    compute_dtype: torch.dtype = torch.float32
+    """bf16 runs DINOv2 and the heads under autocast (weights and AdamW states stay fp32)."""
+
     def forward(self, images_BCHW, text_BP, ref_maps: list[torch.Tensor]) -> torch.Tensor:
         """Logit per sample: mean over heads and locations."""
-        maps = self.features(images_BCHW)
-        logits = [head(f, text_BP.float(), r) for head, f, r in zip(self.heads, maps, ref_maps)]
-        return torch.stack([lg.mean(dim=(1, 2)) for lg in logits]).mean(0)
+        with self._autocast(images_BCHW):
+            maps = self.features(images_BCHW)
+            logits = [head(f, text_BP.float(), r) for head, f, r in zip(self.heads, maps, ref_maps)]
+        return torch.stack([lg.float().mean(dim=(1, 2)) for lg in logits]).mean(0)
+
+    def reference_maps(self, images_BCHW) -> list[torch.Tensor]:
+        """Features of the paired real images, at the discriminator's precision."""
+        with self._autocast(images_BCHW):
+            return self.features(images_BCHW)
+
+    def _autocast(self, x):
+        on = self.compute_dtype != torch.float32
+        return torch.autocast(device_type=x.device.type, dtype=self.compute_dtype, enabled=on)

@@ -237,7 +237,7 @@ class Objective:
     def reference_maps(self, st: IterState):
         if self.use_gan:
             with torch.no_grad():
-                st.ref_maps = self.D.net.features(self._real_images(st))
+                st.ref_maps = self.D.net.reference_maps(self._real_images(st))
 
     def _real_images(self, st: IterState) -> torch.Tensor:
         return st.real_image

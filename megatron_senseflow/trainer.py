@@ -62,6 +62,12 @@ class Trainer:
         missing = cfg.missing_assets()
         if missing:
             raise ConfigError(missing[0])
+        uses_fp8 = "fp8" in (cfg.roles.teacher.precision, cfg.roles.fake_score.precision)
+        if uses_fp8 and cfg.model.fp8_recipe == "mxfp8" and torch.cuda.is_available():
+            cc = torch.cuda.get_device_capability()
+            if cc[0] < 10:
+                raise ConfigError(f"model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10 or later); this "
+                                  f"GPU is {cc[0]}.{cc[1]}: use delayed or tensorwise.")
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
@@ -69,24 +75,30 @@ class Trainer:
         c = cfg
         self.t_arch, self.s_arch = c.model.teacher_arch(), c.model.student_arch()
 
-        self.codec = build_codec(c.roles.discriminator.vae, self._latent_channels(), torch.float32).to(self.dev)
+        vae_dtype = torch.bfloat16 if c.roles.discriminator.precision == "bf16" else torch.float32
+        self.codec = build_codec(c.roles.discriminator.vae, self._latent_channels(), vae_dtype).to(self.dev)
         self.latent_channels, self.latent_side = latent_geometry(c, self.codec)
         self.num_img = image_tokens(self.t_arch, self.latent_side, self.latent_side)
         tokens = (self.num_img, c.data.text_max_length)
         self.local_batch = c.data.micro_batch_size * c.parallel.num_microbatches
 
-        def tconf(arch, recompute):
+        def tconf(arch, recompute, precision="bf16", fp8_format="hybrid", fp8_param=False):
+            fp8 = fp8_format if precision == "fp8" else None
             return transformer_config(arch, tp=c.parallel.tp, pp=c.parallel.pp, sequence_parallel=c.parallel.sequence_parallel,
-                                      params_dtype=self.dtype, recompute=recompute)
+                                      params_dtype=self.dtype, recompute=recompute, fp8=fp8,
+                                      fp8_recipe=c.model.fp8_recipe, fp8_param=fp8 is not None and fp8_param)
 
         common = dict(spec=c.model.spec, pp_split=c.parallel.pp_split, tokens=tokens, parallel=c.parallel,
                       max_steps=c.train.max_steps, num_microbatches=c.parallel.num_microbatches)
-        self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none"), **common)
+        r = c.roles
+        # teacher: forward only, so E4M3 throughout; fake score: E4M3 forward, E5M2 gradients
+        self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none", r.teacher.precision, "e4m3",
+                                                          r.teacher.fp8_weights), **common)
         self._init_teacher()
         init = self._student_init
         self.G = build_role("generator", self.s_arch, tconf(self.s_arch, c.model.recompute),
                             optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
-        self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute),
+        self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
                             optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
         self.ema = EMA(self.G.module, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
 
@@ -135,6 +147,7 @@ class Trainer:
             dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
             net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size)
         net = net.to(self.dev).eval()
+        net.compute_dtype = torch.bfloat16 if dc.precision == "bf16" else torch.float32
         o = dc.optimizer
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)

@@ -28,6 +28,9 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     recompute: str = "none",
     use_cpu_initialization: bool | None = None,
+    fp8: str | None = None,
+    fp8_recipe: str = "delayed",
+    fp8_param: bool = False,
 ) -> TransformerConfig:
     num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
     if arch.num_attention_heads % tp:
@@ -59,6 +62,11 @@ def transformer_config(
         init_method_std=0.02,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # FP8 (TE spec only): 'hybrid' = E4M3 forward, E5M2 gradients; 'e4m3' for forward-only roles.
+        # fp8_param keeps the GEMM weights themselves in FP8 (the frozen teacher).
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
+        fp8_param=fp8_param,
     )
     # replicated conditioning embedders on every stage: finalize_model_grads sums their grads over PP
     cfg.has_cond_embedder = True
@@ -117,12 +125,45 @@ def build_model(
     tokens: tuple[int, int] = (4096, 512),
 ) -> DiTBase:
     """This rank's pipeline stage of `arch` (the whole model when PP=1)."""
-    from .specs import flux_block_specs, sd3_block_spec
-
     if layout is None:
         pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
         rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
         layout = stage_layout(arch, pp, rank, pp_split, tokens)
+    with fp8_init_context(config):
+        model = _build(arch, config, spec, layout)
+    if config.params_dtype != torch.float32:
+        _cast_params(model, config.params_dtype)
+    _sync_pipeline_replicated(model)
+    return model
+
+
+def fp8_init_context(config: TransformerConfig):
+    """TE's fp8_model_init through megatron-core when the role keeps its GEMM weights in FP8."""
+    if not config.fp8_param:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config, is_init=True)
+
+
+def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype), except weights TE created in FP8 (casting would dequantize them)."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if p.dtype != dtype and not is_float8tensor(p):
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
+
+
+def _build(arch: Arch, config: TransformerConfig, spec: str, layout: StageLayout) -> DiTBase:
+    from .specs import flux_block_specs, sd3_block_spec
+
     if isinstance(arch, FluxArch):
         from .flux import FluxModel
 
@@ -142,9 +183,6 @@ def build_model(
         model = SD3Model(config, arch, block_spec, layout)
     else:
         raise TypeError(f"unknown architecture {type(arch).__name__}")
-    if config.params_dtype != torch.float32:
-        model.to(config.params_dtype)
-    _sync_pipeline_replicated(model)
     return model
 
 

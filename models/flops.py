@@ -81,3 +81,62 @@ def image_tokens(arch: Arch, latent_h: int, latent_w: int) -> int:
     """Image tokens of a latent: FLUX packs 2x2, SD3 patchifies by patch_size."""
     p = 2 if isinstance(arch, FluxArch) else arch.patch_size
     return (latent_h // p) * (latent_w // p)
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool = True) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def block_params(arch: Arch) -> list[tuple[int, int]]:
+    """(TP-split, TP-replicated) parameter counts of each block in global order.
+
+    Split over TP: QKV, MLP and adaLN weights with their biases (column-parallel),
+    and the weights of row-parallel outputs. Replicated: the biases of row-parallel
+    outputs and the per-head QK RMS-norm weights. Same counts as diffusers' modules.
+    """
+    h, d = arch.hidden_size, arch.attention_head_dim
+    ff_split = _linear(h, 4 * h) + 4 * h * h  # fc1 (column) + fc2 weight (row)
+    if isinstance(arch, FluxArch):
+        double = (2 * _linear(h, 6 * h) + 6 * _linear(h, h) + 2 * h * h + 2 * ff_split,
+                  4 * d + 2 * h + 2 * h)  # q/k norms of both streams; out-proj and fc2 biases of both
+        single = (_linear(h, 3 * h) + 3 * _linear(h, h) + _linear(h, 4 * h) + 5 * h * h, 2 * d + h)
+        return [double] * arch.num_layers + [single] * arch.num_single_layers
+    norms = 2 * d if arch.qk_norm else 0
+    out = []
+    for i in range(arch.num_layers):
+        pre_only = i == arch.num_layers - 1
+        dual = i in arch.dual_attention_layers
+        split = _linear(h, (9 if dual else 6) * h) + _linear(h, (2 if pre_only else 6) * h)
+        split += 6 * _linear(h, h) + h * h + ff_split  # QKV of both streams, image out-proj, image MLP
+        rep = 2 * norms + h + h  # image out-proj and fc2 biases
+        if not pre_only:
+            split += h * h + ff_split
+            rep += h + h
+        if dual:
+            split += 3 * _linear(h, h) + h * h
+            rep += norms + h
+        out.append((split, rep))
+    return out
+
+
+def embedder_params(arch: Arch) -> int:
+    """Parameters outside the blocks (embedders, final norm and projection); replicated on every stage."""
+    h = arch.hidden_size
+    t_embed = _linear(256, h) + _linear(h, h)
+    cond = t_embed + _linear(arch.pooled_projection_dim, h) + _linear(h, h)
+    if isinstance(arch, FluxArch):
+        if arch.guidance_embeds:
+            cond += t_embed
+        return (_linear(arch.in_channels, h) + _linear(arch.joint_attention_dim, h) + cond
+                + _linear(h, 2 * h) + _linear(h, arch.out_dim))
+    p = arch.patch_size
+    return (arch.in_channels * p * p * h + h + _linear(arch.joint_attention_dim, h) + cond
+            + _linear(h, 2 * h) + _linear(h, p * p * arch.out_channels))
+
+
+def param_count(arch: Arch) -> int:
+    """Trainable parameters of the whole model (equal to diffusers' model.parameters())."""
+    return embedder_params(arch) + sum(s + r for s, r in block_params(arch))

@@ -23,6 +23,7 @@ from .layers import (
     ConditionEmbedder,
     FluxRope,
     layer_norm,
+    fp8_context,
     maybe_checkpoint,
     modulate,
     replicated_linear,
@@ -113,15 +114,16 @@ class FluxModel(DiTBase):
         else:
             txt, img = self.input_tensor[:local_txt], self.input_tensor[local_txt:]
 
-        for blk in self.double_blocks:
-            img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c, rope), img, txt, c_BH)
+        with fp8_context(cfg):  # the blocks' TE linears only; embedders, adaLN and proj_out stay bf16
+            for blk in self.double_blocks:
+                img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c, rope), img, txt, c_BH)
 
-        if len(self.single_blocks):
-            perm = sp_joint_order(num_txt, num_img, tp, img.device) if cfg.sequence_parallel else None
-            x = torch.cat([txt, img])
-            for blk in self.single_blocks:
-                x = maybe_checkpoint(cfg, lambda x_, c, b=blk: b(x_, c, rope, perm), x, c_BH)
-            txt, img = x[:local_txt], x[local_txt:]
+            if len(self.single_blocks):
+                perm = sp_joint_order(num_txt, num_img, tp, img.device) if cfg.sequence_parallel else None
+                x = torch.cat([txt, img])
+                for blk in self.single_blocks:
+                    x = maybe_checkpoint(cfg, lambda x_, c, b=blk: b(x_, c, rope, perm), x, c_BH)
+                txt, img = x[:local_txt], x[local_txt:]
 
         if not self.post_process:
             return torch.cat([txt, img])

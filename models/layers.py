@@ -351,8 +351,29 @@ class MLP(MegatronModule):
 def maybe_checkpoint(config: TransformerConfig, fn: Callable, *tensors):
     """Full activation recompute of one block when config asks for it (grad mode only)."""
     if config.recompute_granularity == "full" and torch.is_grad_enabled():
+        if config.fp8:
+            # TE's checkpoint replays the FP8 scaling state of the first pass in the
+            # recompute; the plain one would update delayed-scaling amaxes twice
+            from megatron.core import parallel_state as ps
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+
+            return te_checkpoint(fn, False, tensor_parallel.random.get_cuda_rng_tracker,
+                                 ps.get_tensor_model_parallel_group(), *tensors)
         return tensor_parallel.checkpoint(fn, False, *tensors)
     return fn(*tensors)
+
+
+def fp8_context(config: TransformerConfig):
+    """FP8 autocast for a stage's blocks when the role's config asks for FP8 (megatron-core's
+    helper: recipe, format and amax-reduction group all come from the config); a null
+    context otherwise, and always on the local spec, which refuses FP8 earlier."""
+    if not config.fp8:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config)
 
 
 def sp_scatter(x_SBH, config):

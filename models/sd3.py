@@ -22,6 +22,7 @@ from .layers import (
     AdaLNModulation,
     ConditionEmbedder,
     layer_norm,
+    fp8_context,
     maybe_checkpoint,
     modulate,
     replicated_linear,
@@ -131,11 +132,12 @@ class SD3Model(DiTBase):
             local_txt = (num_txt if num_txt is not None else encoder_hidden_states.shape[1]) // tp
             txt, img = self.input_tensor[:local_txt], self.input_tensor[local_txt:]
 
-        for blk in self.joint_blocks:
-            if blk.context_pre_only:  # its text output is None, which recompute cannot carry
-                img, txt = blk(img, txt, c_BH)
-            else:
-                img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c), img, txt, c_BH)
+        with fp8_context(cfg):  # the blocks' TE linears only; embedders, adaLN and proj_out stay bf16
+            for blk in self.joint_blocks:
+                if blk.context_pre_only:  # its text output is None, which recompute cannot carry
+                    img, txt = blk(img, txt, c_BH)
+                else:
+                    img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c), img, txt, c_BH)
 
         if not self.post_process:
             return torch.cat([txt, img])

@@ -131,3 +131,29 @@ def test_flux_recipe_anchors_are_the_papers_at_1024px():
     side = cfg.data.resolution // 8  # FLUX VAE downsamples by 8
     m = cfg.distill.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
     assert flow.anchors(cfg.distill.num_steps, m) == pytest.approx([1.0, 0.904, 0.759, 0.512], abs=1e-3)  # the paper truncates to 3 digits
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["roles.fake_score.precision=fp8"], "roles.fake_score.precision=fp8 needs model.spec=te (TransformerEngine)."),
+    (["roles.generator.precision=bf16"], "roles.generator.precision=bf16 computes on bfloat16 weights but model.params_dtype is float32"),
+    (["model.spec=te", "model.params_dtype=bfloat16", "roles.generator.precision=bf16", "roles.fake_score.precision=bf16",
+      "roles.teacher.precision=bf16", "roles.teacher.fp8_weights=true"], "roles.teacher.fp8_weights=true needs roles.teacher.precision=fp8."),
+    (["model.fp8_recipe=nvfp4"], "model.fp8_recipe='nvfp4' is unknown"),
+])
+def test_precision_settings_fail_in_one_sentence(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert str(e.value).startswith(message)
+
+
+def test_fp8_roles_reach_megatron_transformer_config():
+    """Per-role precision turns into megatron-core's FP8 fields (the TE path reads them through fp8_utils)."""
+    from models import transformer_config
+
+    cfg = load_config("flux_dev", ["model.spec=te", "roles.teacher.precision=fp8", "roles.teacher.fp8_weights=true",
+                                   "roles.fake_score.precision=fp8", "model.fp8_recipe=tensorwise"])
+    arch = cfg.model.teacher_arch()
+    t = transformer_config(arch, params_dtype=__import__("torch").bfloat16, fp8="e4m3", fp8_recipe=cfg.model.fp8_recipe,
+                           fp8_param=cfg.roles.teacher.fp8_weights)
+    assert (t.fp8, t.fp8_recipe, t.fp8_param) == ("e4m3", "tensorwise", True)
+    assert transformer_config(arch).fp8 is None

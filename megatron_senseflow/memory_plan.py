@@ -1,0 +1,256 @@
+"""`senseflow memory-plan RECIPE --nodes N --gpus-per-node G --gpu-mem GB [--tp T --pp P] [overrides]`.
+
+Per-GPU memory of every role for a recipe and a cluster shape, and whether it
+fits. Static memory is counted exactly from the architecture
+(models.flops.block_params equals diffusers' parameter count) and from how
+megatron-core stores it here:
+- weights in model.params_dtype (teacher GEMM weights in FP8 with
+  roles.teacher.fp8_weights);
+- gradients of trainable roles in fp32 (DDP grad_reduce_in_fp32);
+- AdamW: fp32 main weights (bf16 models only) + two fp32 moments, divided by
+  the data-parallel size with the distributed optimizer, on the host with
+  roles.*.optimizer.cpu_offload;
+- the frozen DINOv2 and VAE, and the discriminator heads with their AdamW.
+Activations are an estimate (bytes per token per hidden unit per block, after
+Korthikanti et al. 2022, plus adaLN's modulated copies), and the phase that
+holds the most decides the peak: the generator step keeps the generator's
+activations and, for the GAN term, those of the VAE decoder and DINOv2 at the
+same time. The CPU tests check the static part against the buffers a real
+trainer allocates; the activation estimates still await a GPU measurement.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+GB = 1e9
+# saved bytes per (token x hidden unit) of one block in a 16-bit backward, before TP:
+# Korthikanti et al.'s 34 for a transformer layer with flash attention, plus ~8 for
+# the adaLN-modulated inputs of attention and MLP that DiT blocks keep in addition
+ACT_PER_TOKEN_HIDDEN = 42
+# a block's input (image and text streams) kept per block under full recompute
+RECOMPUTE_PER_TOKEN_HIDDEN = 2
+# FLUX/SD3 VAE decoder (block_out_channels 128-256-512-512, 3 resnets per level) under
+# diffusers' gradient checkpointing (codec.DiffusersVAE turns it on): the inputs of its
+# blocks plus the largest block (128 channels at full resolution) being recomputed,
+# ~2.7e9 elements per 1024 x 1024 image, scaling with pixels (without checkpointing ~4.3e9)
+VAE_DECODER_ELEMS_1024 = 2.7e9
+VAE_DECODER_PARAMS = 49.5e6
+DINOV2_VITL = {"params": 304.4e6, "hidden": 1024, "layers": 24, "patch": 14}
+RUNTIME_GB = 3.0  # CUDA context, NCCL buffers, cuBLAS workspaces
+FRAGMENTATION = 0.05  # allocator slack on top of everything else
+
+
+@dataclass
+class RoleMemory:
+    name: str
+    params: float  # on this GPU
+    weights: float  # bytes
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    host: float = 0.0  # offloaded optimizer state, per GPU process
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+@dataclass
+class Plan:
+    header: str
+    roles: list[RoleMemory]
+    peak_activations: float
+    peak_phase: str
+    runtime: float
+    total: float
+    gpu_mem: float
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_mem
+
+
+def _stage_params(arch, tp: int, pp: int, pp_split, tokens) -> float:
+    """Parameters on the most loaded stage's GPU: its blocks' TP shard plus the replicated embedders."""
+    from models import stage_layout
+    from models.flops import block_params, embedder_params
+
+    blocks = block_params(arch)
+    most = 0.0
+    for rank in range(pp):
+        lay = stage_layout(arch, pp, rank, pp_split, tokens)
+        n = sum(s / tp + r for s, r in blocks[lay.first : lay.last])
+        most = max(most, n)
+    return most + embedder_params(arch)
+
+
+def _stage_split_params(arch, tp: int, pp: int, pp_split, tokens) -> float:
+    from models import stage_layout
+    from models.flops import block_params
+
+    blocks = block_params(arch)
+    return max(sum(s / tp for s, _ in blocks[lay.first : lay.last])
+               for lay in (stage_layout(arch, pp, r, pp_split, tokens) for r in range(pp)))
+
+
+def block_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int) -> float:
+    """Saved activations of one block for its backward (estimate). Of the 42 bytes per token and
+    hidden unit (16-bit), 24 are split over TP; the rest (norm inputs, modulated copies) only with SP."""
+    split, replicated = 24, ACT_PER_TOKEN_HIDDEN - 24
+    coef = ACT_PER_TOKEN_HIDDEN / tp if sp else replicated + split / tp
+    return coef * tokens * batch * arch.hidden_size * elem / 2
+
+
+def stage_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int, recompute: str,
+                           blocks: int) -> float:
+    one = block_activation_bytes(arch, tokens, batch, tp, sp, elem)
+    if recompute == "full":  # every block's input is kept; one block at a time is recomputed in full
+        kept = RECOMPUTE_PER_TOKEN_HIDDEN * tokens * batch * arch.hidden_size * elem / 2 / (tp if sp else 1)
+        return kept * blocks + one
+    return one * blocks
+
+
+def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
+    from models.configs import FluxArch
+    from models.flops import image_tokens
+
+    p = cfg.parallel
+    world = nodes * gpus_per_node
+    dp = world // (p.tp * p.pp)
+    t_arch, s_arch = cfg.model.teacher_arch(), cfg.model.student_arch()
+    fp32 = cfg.model.params_dtype == "float32"
+    elem = 4 if fp32 else 2
+    # latents: 8x VAEs for the real models (the recipes leave the VAE path to the user), the
+    # exact 2x space-to-depth codec for pixel-space tiny models
+    vae = cfg.roles.discriminator.vae
+    down = 2 if vae == "pixel" or (vae is None and cfg.model.preset.startswith("tiny")) else 8
+    side = cfg.data.resolution // down
+    s_img = image_tokens(t_arch, side, side)
+    s_txt = cfg.data.text_max_length
+    tokens = (s_img, s_txt)
+    mb = cfg.data.micro_batch_size
+    # 1F1B keeps up to pp microbatches in flight on the first stage
+    in_flight = mb * min(p.num_microbatches, p.pp) if p.pp > 1 else mb
+
+    def blocks_on_stage(arch):
+        from models import stage_layout
+
+        layouts = [stage_layout(arch, p.pp, r, p.pp_split, tokens) for r in range(p.pp)]
+        return max(lay.last - lay.first for lay in layouts)
+
+    roles: list[RoleMemory] = []
+    # teacher: frozen, forward only
+    n_t = _stage_params(t_arch, p.tp, p.pp, p.pp_split, tokens)
+    t = cfg.roles.teacher
+    if t.fp8_weights:
+        gemm = _stage_split_params(t_arch, p.tp, p.pp, p.pp_split, tokens)
+        w = gemm * 1 + (n_t - gemm) * elem
+    else:
+        w = n_t * elem
+    teacher = RoleMemory("teacher", n_t, w)
+    # no grad: only the block being run holds activations (x2: the CFG pair of SD3.x)
+    teacher.activations = block_activation_bytes(t_arch, s_img + s_txt, mb * 2, p.tp, p.sequence_parallel, elem)
+    roles.append(teacher)
+
+    for name, rc in (("generator", cfg.roles.generator), ("fake_score", cfg.roles.fake_score)):
+        n = _stage_params(s_arch, p.tp, p.pp, p.pp_split, tokens)
+        r = RoleMemory(name, n, n * elem, grads=n * 4)
+        opt = n * (8 if fp32 else 12)
+        if p.distributed_optimizer:
+            opt /= dp
+        if rc.optimizer.cpu_offload != "none":
+            r.host, r.notes = opt, [f"AdamW on the host ({rc.optimizer.cpu_offload})"]
+        else:
+            r.optimizer = opt
+        r.activations = stage_activation_bytes(s_arch, s_img + s_txt, in_flight, p.tp, p.sequence_parallel, elem,
+                                               cfg.model.recompute, blocks_on_stage(s_arch))
+        roles.append(r)
+
+    dc = cfg.roles.discriminator
+    if dc.enabled and cfg.method != "sid" and not cfg.model.preset.startswith("tiny"):
+        v = DINOV2_VITL
+        heads = len(dc.feature_layers) * 4 * v["hidden"] ** 2  # conv trunks and maps, an upper estimate
+        d_elem = 2 if dc.precision == "bf16" else 4
+        # DINOv2 loads in fp32 (autocast for bf16); the VAE is loaded in D's precision
+        d = RoleMemory("discriminator", v["params"] + VAE_DECODER_PARAMS + heads,
+                       v["params"] * 4 + VAE_DECODER_PARAMS * d_elem + heads * 4, grads=heads * 4, optimizer=heads * 8)
+        n_tok = (dc.image_size // v["patch"]) ** 2 + 1
+        dino = ACT_PER_TOKEN_HIDDEN * n_tok * v["hidden"] * v["layers"] * d_elem / 2 * mb
+        vae = VAE_DECODER_ELEMS_1024 * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
+        d.activations = dino + vae
+        d.notes = ["activations: the generator's GAN term backpropagates through the VAE decoder and DINOv2"]
+        roles.append(d)
+
+    by = {r.name: r for r in roles}
+    gen_phase = by["generator"].activations + by["teacher"].activations + by.get("discriminator", RoleMemory("", 0, 0)).activations
+    fake_phase = by["fake_score"].activations
+    phase, peak = ("generator step (G + GAN through VAE/DINOv2)", gen_phase) if gen_phase >= fake_phase else ("fake-score step", fake_phase)
+    static = sum(r.static for r in roles)
+    runtime = RUNTIME_GB * GB
+    total = (static + peak + runtime) * (1 + FRAGMENTATION)
+    fam = "FLUX" if isinstance(t_arch, FluxArch) else "SD3"
+    header = (f"{cfg.model.preset} ({fam}, {t_arch_params(t_arch) / 1e9:.2f} B parameters): {nodes} node(s) x "
+              f"{gpus_per_node} GPUs of {gpu_mem_gb:g} GB, tp={p.tp} pp={p.pp} dp={dp}, micro-batch {mb}, "
+              f"{cfg.data.resolution} px ({s_img} image + {s_txt} text tokens), {cfg.model.params_dtype} weights, "
+              f"recompute={cfg.model.recompute}, distributed optimizer {'on' if p.distributed_optimizer else 'off'}")
+    return Plan(header, roles, peak, phase, runtime, total, gpu_mem_gb * GB)
+
+
+def t_arch_params(arch) -> int:
+    from models.flops import param_count
+
+    return param_count(arch)
+
+
+def render(pl: Plan) -> str:
+    lines = [pl.header, ""]
+    lines.append(f"{'role':<14}{'params/GPU':>12}{'weights':>10}{'grads':>9}{'optimizer':>11}{'activations':>13}{'host':>8}")
+    for r in pl.roles:
+        lines.append(f"{r.name:<14}{r.params / 1e9:>10.2f} B{r.weights / GB:>7.1f} GB{r.grads / GB:>6.1f} GB"
+                     f"{r.optimizer / GB:>8.1f} GB{r.activations / GB:>10.1f} GB{r.host / GB:>5.1f} GB")
+    static = sum(r.static for r in pl.roles)
+    lines += [
+        "",
+        f"static (weights + grads + optimizer, all roles)   {static / GB:7.1f} GB   (counted)",
+        f"activations at the peak: {pl.peak_phase:<24}{pl.peak_activations / GB:7.1f} GB   (estimate)",
+        f"CUDA context, NCCL, workspaces                    {pl.runtime / GB:7.1f} GB",
+        f"with {FRAGMENTATION:.0%} allocator slack, per GPU                 {pl.total / GB:7.1f} GB of {pl.gpu_mem / GB:g} GB",
+    ]
+    for r in pl.roles:
+        for n in r.notes:
+            lines.append(f"  {r.name}: {n}")
+    if pl.fits:
+        lines.append(f"fits: {(pl.gpu_mem - pl.total) / GB:.1f} GB to spare.")
+    else:
+        lines.append(f"does not fit: {(pl.total - pl.gpu_mem) / GB:.1f} GB over. Try model.recompute=full, a larger tp or pp, "
+                     "parallel.distributed_optimizer=true, roles.teacher.precision=fp8 roles.teacher.fp8_weights=true "
+                     "(model.spec=te), or roles.<generator|fake_score>.optimizer.cpu_offload=megatron.")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="recipe YAML path or bundled recipe name (flux_dev, sd35_large, sd35_medium, tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.recompute=full")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB (H100 80, H200 141)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the recipe's)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default: the recipe's)")
+    p.parse_args = p.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    layout = [f"parallel.tp={args.tp}"] if args.tp else []
+    layout += [f"parallel.pp={args.pp}"] if args.pp else []
+    cfg = load_config(args.config, [*args.overrides, *layout])
+    world = args.nodes * args.gpus_per_node
+    if world < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be at least 1.")
+    cfg.validate(world_size=world)
+    pl = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem)
+    print(render(pl))
+    return 0 if pl.fits else 1
