@@ -18,6 +18,9 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	# DeepSpeed (optimizer.cpu_offload=deepspeed) builds against the torch above; an isolated
+	# build would fetch a CUDA torch of several GB
+	$(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -374,6 +374,13 @@ class Config:
                     f"roles.{role}.precision={prec} computes on {want} weights but model.params_dtype is "
                     f"{self.model.params_dtype}; set model.params_dtype={want} or change the role's precision."
                 )
+        for role in ("generator", "fake_score"):
+            off = getattr(self.roles, role).optimizer.cpu_offload
+            if off not in ("none", "megatron", "deepspeed"):
+                raise ConfigError(f"roles.{role}.optimizer.cpu_offload={off!r} is unknown; use none, megatron or deepspeed.")
+            if off != "none" and not self.parallel.distributed_optimizer:
+                raise ConfigError(f"roles.{role}.optimizer.cpu_offload={off} needs parallel.distributed_optimizer=true "
+                                  "(megatron-core offloads the distributed optimizer's shard).")
         if self.model.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
             raise ConfigError(
                 f"model.fp8_recipe={self.model.fp8_recipe!r} is unknown; use delayed, tensorwise, blockwise or mxfp8."

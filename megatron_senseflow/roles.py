@@ -30,11 +30,13 @@ LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Ten
 class Denoiser:
     """The one place that turns (latent, sigma) into a family's model inputs and its output into velocity."""
 
-    def __init__(self, arch: Arch):
+    def __init__(self, arch: Arch, dtype: torch.dtype = torch.float32):
         self.arch = arch
         self.is_flux = isinstance(arch, FluxArch)
+        self.dtype = dtype  # of the model's weights: inputs are cast to it, velocities come back in fp32
 
     def kwargs(self, x, sigma, text, pooled, guidance=None) -> dict:
+        x, text, pooled = x.to(self.dtype), text.to(self.dtype), pooled.to(self.dtype)
         if self.is_flux:
             h, w = x.shape[-2:]
             kw = dict(
@@ -56,8 +58,8 @@ class Denoiser:
 
     def velocity(self, out, x) -> torch.Tensor:
         if self.is_flux:
-            return unpack_latents(out, *x.shape[-2:])
-        return out
+            out = unpack_latents(out, *x.shape[-2:])
+        return out.float() if out.dtype != torch.float32 else out
 
     def seq_length(self, x, text) -> int:
         p = 2 if self.is_flux else self.arch.patch_size
@@ -77,7 +79,8 @@ class Role:
     backward_calls: int = field(default=0, init=False)
 
     def __post_init__(self):
-        self.denoiser = Denoiser(self.arch)
+        config = getattr(self.module, "config", None)
+        self.denoiser = Denoiser(self.arch, getattr(config, "params_dtype", torch.float32))
         self.pp = ps.get_pipeline_model_parallel_world_size()
 
     @property
@@ -262,22 +265,26 @@ def build_role(
     )
     o = optimizer_cfg
     bf16 = tconfig.params_dtype == torch.bfloat16
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.betas[0],
-            adam_beta2=o.betas[1],
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=bf16,
-            params_dtype=tconfig.params_dtype,
-            use_distributed_optimizer=parallel.distributed_optimizer,
-        ),
-        [ddp],
+    offload = o.cpu_offload != "none"
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+        # all AdamW states and the update on the host; megatron copies grads down and
+        # weights back per step (and overlaps those copies with the update)
+        optimizer_cpu_offload=offload,
+        optimizer_offload_fraction=1.0 if offload else 0.0,
     )
+    with cpu_adam_backend(o.cpu_offload):
+        optimizer = get_megatron_optimizer(opt_config, [ddp])
     _keep_adam_step_on_load(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -293,6 +300,57 @@ def build_role(
         wd_incr_style="constant",
     )
     return Role(name, arch, module, ddp=ddp, optimizer=optimizer, scheduler=scheduler, num_microbatches=num_microbatches)
+
+
+class _DeepSpeedCPUAdam:
+    """Built lazily: DeepSpeed's compiled CPU AdamW with the constructor megatron's hybrid optimizer calls."""
+
+    _cls = None
+
+    @classmethod
+    def get(cls):
+        if cls._cls is None:
+            try:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+            except ImportError as e:
+                raise RuntimeError(
+                    "optimizer.cpu_offload=deepspeed needs DeepSpeed: pip install --no-build-isolation deepspeed "
+                    f"(after torch; see README). Import failed: {e}"
+                ) from None
+
+            class CPUAdamW(DeepSpeedCPUAdam):
+                def __init__(self, params, lr, weight_decay, betas, eps, bias_correction=True, fused=None):
+                    # `fused` is torch AdamW's flag; DeepSpeed's kernel is always fused
+                    super().__init__(params, lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                     weight_decay=weight_decay, adamw_mode=True, fp32_optimizer_states=True)
+
+            cls._cls = CPUAdamW
+        return cls._cls
+
+
+class cpu_adam_backend:
+    """While building an offloading optimizer, make megatron-core's HybridDeviceOptimizer use the
+    chosen host AdamW: 'megatron' keeps its own (torch AdamW, fused), 'deepspeed' swaps in
+    DeepSpeedCPUAdam. The class is stored in the optimizer's defaults, so it survives the
+    distributed optimizer rebuilding its hybrid optimizer over the DP shard."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __enter__(self):
+        if self.backend == "deepspeed":
+            import megatron.core.optimizer as mopt
+
+            self._saved = mopt.CPUAdam
+            mopt.CPUAdam = _DeepSpeedCPUAdam.get()
+        return self
+
+    def __exit__(self, *exc):
+        if self.backend == "deepspeed":
+            import megatron.core.optimizer as mopt
+
+            mopt.CPUAdam = self._saved
+        return False
 
 
 def _keep_adam_step_on_load(optimizer) -> None:

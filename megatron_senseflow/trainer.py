@@ -68,6 +68,10 @@ class Trainer:
             if cc[0] < 10:
                 raise ConfigError(f"model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10 or later); this "
                                   f"GPU is {cc[0]}.{cc[1]}: use delayed or tensorwise.")
+        offloads = [r for r in ("generator", "fake_score") if getattr(cfg.roles, r).optimizer.cpu_offload != "none"]
+        if offloads and env.device.type != "cuda":
+            raise ConfigError(f"roles.{offloads[0]}.optimizer.cpu_offload moves AdamW from the GPU to the host, but this "
+                              "run has no GPU and keeps everything on the host already; set it to none.")
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
