@@ -221,6 +221,16 @@ def test_sd3_family_with_real_cfg(tmp_path):
     assert all(math.isfinite(first[k]) for k in ("gen/dmd", "gen/isg", "gen/gan", "fake/fm"))
 
 
+def test_bf16_weights_with_discriminator_autocast(teacher, tmp_path):
+    """The big recipes' precision (bf16 DiT weights, fp32 masters, bf16 discriminator) runs; inputs are cast."""
+    train_inprocess(2, [f"roles.teacher.checkpoint={teacher}", "train.max_steps=2", f"train.output_dir={tmp_path}",
+                        "model.params_dtype=bfloat16", "roles.generator.precision=bf16", "roles.fake_score.precision=bf16",
+                        "roles.teacher.precision=bf16", "roles.discriminator.precision=bf16", *COMMON])
+    second = metrics(tmp_path)[1]
+    for k in ("gen/dmd", "gen/isg", "gen/gan", "fake/fm", "disc/loss"):
+        assert math.isfinite(second[k]), (k, second)
+
+
 def _nan_body(env, teacher, out):
     import megatron_senseflow.losses as L
     from megatron_senseflow.config import load_config
