@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
 	# DeepSpeed (optimizer.cpu_offload=deepspeed) builds against the torch above; an isolated
 	# build would fetch a CUDA torch of several GB

@@ -97,28 +97,60 @@ def fid(feature: nn.Module, generated: list[Path], reference: list[Path], batch:
     return float(metric.compute())
 
 
+def _clip(clip_dir: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return (CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
+            CLIPProcessor.from_pretrained(clip_dir, local_files_only=True))
+
+
+def _features(out) -> torch.Tensor:
+    return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
+
+
+def select_captions(clip_dir: str, images: list[Path], annotations: str) -> list[str]:
+    """COCO-5K prompts: for each image, the caption of its COCO annotations with the highest CLIP score.
+
+    `annotations` is COCO's captions file (captions_val2017.json: "images" with id and
+    file_name, "annotations" with image_id and caption); images are matched by file name.
+    """
+    import json as _json
+
+    coco = _json.loads(Path(annotations).read_text())
+    by_id = {im["id"]: im["file_name"] for im in coco["images"]}
+    caps: dict[str, list[str]] = {}
+    for a in coco["annotations"]:
+        caps.setdefault(Path(by_id[a["image_id"]]).stem, []).append(a["caption"].strip())
+    missing = [p.name for p in images if p.stem not in caps]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no caption in {annotations}, e.g. {missing[:3]}.")
+    model, proc = _clip(clip_dir)
+    chosen = []
+    for p in images:
+        options = caps[p.stem]
+        inputs = proc(text=options, images=[load_uint8(p)], return_tensors="pt", padding=True, truncation=True)
+        with torch.no_grad():
+            img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        chosen.append(options[int(F.cosine_similarity(img, txt).argmax())])
+    return chosen
+
+
 def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
     """Mean of 100 * max(cos(image, prompt), 0) over the images (the CLIPScore definition).
 
     Computed here rather than through torchmetrics' CLIPScore, which breaks on
     transformers 5 (its get_*_features return model outputs, not tensors).
     """
-    from transformers import CLIPModel, CLIPProcessor
-
-    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
-    proc = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
-
-    def tensor(out):
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
+    model, proc = _clip(clip_dir)
     total = 0.0
     for i in range(0, len(images), batch):
         imgs = [load_uint8(p) for p in images[i : i + batch]]
         inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
         with torch.no_grad():
-            img = tensor(model.get_image_features(pixel_values=inputs["pixel_values"]))
-            txt = tensor(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
-        total += float((100 * F.cosine_similarity(img.float(), txt.float()).clamp(min=0)).sum())
+            img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        total += float((100 * F.cosine_similarity(img, txt).clamp(min=0)).sum())
     return total / len(images)
 
 
@@ -144,12 +176,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default="fid,patch_fid,clip", help="comma list of fid, patch_fid, clip")
     p.add_argument("--patches-per-image", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (with --select-captions: the prompts file)")
+    p.add_argument("--select-captions", metavar="COCO_CAPTIONS_JSON",
+                   help="COCO-5K protocol: write, for each image in --images, its highest-CLIP-score caption to --out")
 
 
 def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
     from .config import ConfigError
 
+    if args.select_captions:
+        if not args.clip or not args.out:
+            raise ConfigError("--select-captions needs --clip (a local CLIP directory) and --out (the prompts file).")
+        try:
+            lines = select_captions(args.clip, list_images(args.images), args.select_captions)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} prompts to {args.out}")
+        return 0
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(wanted) - {"fid", "patch_fid", "clip"})
     if unknown:

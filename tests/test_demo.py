@@ -252,6 +252,37 @@ def test_eval_clip_score_pairs_each_image_with_its_prompt(tmp_path):
     assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
 
 
+def test_coco_protocol_picks_the_highest_clip_caption_per_image(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from megatron_senseflow.eval_cli import list_images, load_uint8
+
+    _tiny_clip(tmp_path / "clip")
+    rng = np.random.default_rng(2)
+    _write_pngs(tmp_path / "coco", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
+    files = sorted(p.name for p in (tmp_path / "coco").glob("*.png"))
+    captions = {f: [f"a photo number {i} of a cat", "two dogs on grass", f"a house {i}", "the sky"] for i, f in enumerate(files)}
+    coco = {"images": [{"id": 10 + i, "file_name": f} for i, f in enumerate(files)],
+            "annotations": [{"image_id": 10 + i, "caption": c} for i, f in enumerate(files) for c in captions[f]]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    assert cli.main(["eval", "--images", str(tmp_path / "coco"), "--clip", str(tmp_path / "clip"),
+                     "--select-captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "coco5k.txt")]) == 0
+    got = (tmp_path / "coco5k.txt").read_text().splitlines()
+
+    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    proc = CLIPProcessor.from_pretrained(tmp_path / "clip")
+    want = []
+    for p in list_images(tmp_path / "coco"):
+        opts = captions[p.name]
+        with torch.no_grad():
+            b = proc(text=opts, images=[load_uint8(p)], return_tensors="pt", padding=True)
+            i = model.get_image_features(pixel_values=b["pixel_values"])
+            t = model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        i, t = getattr(i, "pooler_output", i), getattr(t, "pooler_output", t)
+        want.append(opts[int(torch.nn.functional.cosine_similarity(i, t).argmax())])
+    assert got == want
+
+
 def test_eval_says_what_is_missing(tmp_path):
     _write_pngs(tmp_path / "imgs", np.zeros((2, 8, 8), dtype=np.uint8))
     r = _run("eval", "--images", tmp_path / "imgs", "--metrics", "fid", check=False)

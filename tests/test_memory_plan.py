@@ -68,7 +68,7 @@ def test_static_memory_matches_a_real_trainer(dtype, tp):
 
 
 def test_flux_dev_on_four_nodes_is_the_documented_arithmetic():
-    """14P/M + 24P/(M D) bytes of static memory for bf16 FLUX.1-dev (docs/cluster.md), P counted exactly."""
+    """14P/M + 24P/(M D) bytes of static memory for bf16 FLUX.1-dev (README "Running on a cluster"), P counted exactly."""
     cfg = load_config("flux_dev")
     pl = plan(cfg, 4, 8, 80)
     by = {r.name: r for r in pl.roles}
