@@ -76,6 +76,23 @@ def test_two_tasks_bootstrap_and_allreduce(slurm_cluster, tmp_path, capsys):
     assert "finished" in (out / "logs" / f"slurm-{job}.out").read_text()
 
 
+def _preempt_once_and_wait(cluster, job: str, out: Path, ready, start_timeout: float, finish_timeout: float):
+    """Once `ready()`, do what `#SBATCH --signal=B:USR1@N` does near the time limit (signal the
+    batch shell, and only it); then wait for the job to requeue, resume and complete once."""
+    deadline = time.monotonic() + start_timeout
+    while not ready():
+        info = cluster.job_info(job)
+        assert info.state in ("PENDING", "RUNNING", "CONFIGURING"), _explain(cluster, info, out)
+        assert time.monotonic() < deadline, f"no training steps after {start_timeout} s\n{_explain(cluster, info, out)}"
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = cluster.wait(job, timeout=finish_timeout)
+    why = _explain(cluster, info, out)
+    assert info.state == "COMPLETED" and info.exit_code == "0:0", why
+    assert info.restarts == 1, why
+    return info, why
+
+
 def _reference(env, out, steps):
     from tests.slurm_jobs import run_counter
 
@@ -93,23 +110,8 @@ def test_usr1_saves_requeues_and_resumes_like_an_uninterrupted_run(slurm_cluster
     monkeypatch.setenv("SENSEFLOW_TEST_STEP_SECONDS", "0.3")  # the job inherits the submitting environment
     job = _launch(capsys, out, "counter", f"train.max_steps={steps}")
 
-    # Let training get under way, then do what `#SBATCH --signal=B:USR1@N` does
-    # near the time limit: signal the batch shell, and only the batch shell.
-    deadline = time.monotonic() + 240
-    while True:
-        n = len(_losses(out)) if (out / "metrics.jsonl").exists() else 0
-        if n >= 3:
-            break
-        info = slurm_cluster.job_info(job)
-        assert info.state in ("PENDING", "RUNNING", "CONFIGURING"), _explain(slurm_cluster, info, out)
-        assert time.monotonic() < deadline, f"no training steps after 240 s\n{_explain(slurm_cluster, info, out)}"
-        time.sleep(0.2)
-    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-
-    info = slurm_cluster.wait(job, timeout=400)
-    why = _explain(slurm_cluster, info, out)
-    assert info.state == "COMPLETED" and info.exit_code == "0:0", why
-    assert info.restarts == 1, why
+    ready = lambda: (out / "metrics.jsonl").exists() and len(_losses(out)) >= 3  # noqa: E731
+    info, why = _preempt_once_and_wait(slurm_cluster, job, out, ready, start_timeout=240, finish_timeout=400)
 
     # saved partway, on every rank, at one agreed step
     first = (out / "logs" / f"job{job}-restart0.log").read_text()
@@ -156,18 +158,8 @@ def test_senseflow_train_on_slurm_preempted_requeued_equals_uninterrupted(slurm_
     out = tmp_path / "run"
     job = _launch(capsys, out, None, "--tp", "1", *overrides)
 
-    deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").exists() and len(_trainer_rows(out)) >= 2):
-        info = slurm_cluster.job_info(job)
-        assert info.state in ("PENDING", "RUNNING", "CONFIGURING"), _explain(slurm_cluster, info, out)
-        assert time.monotonic() < deadline, f"no training steps after 300 s\n{_explain(slurm_cluster, info, out)}"
-        time.sleep(0.2)
-    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-
-    info = slurm_cluster.wait(job, timeout=600)
-    why = _explain(slurm_cluster, info, out)
-    assert info.state == "COMPLETED" and info.exit_code == "0:0", why
-    assert info.restarts == 1, why
+    ready = lambda: (out / "metrics.jsonl").exists() and len(_trainer_rows(out)) >= 2  # noqa: E731
+    info, why = _preempt_once_and_wait(slurm_cluster, job, out, ready, start_timeout=300, finish_timeout=600)
     first = (out / "logs" / f"job{job}-restart0.log").read_text()
     m = re.search(r"^0: \[senseflow\] SIGUSR1: saved step (\d+), exiting for requeue$", first, re.M)
     assert m, why
