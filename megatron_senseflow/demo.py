@@ -208,7 +208,8 @@ def ensure_teacher(cache: Path, log, steps: int | None = None) -> tuple[Path, Di
 
     shutil.rmtree(tmp, ignore_errors=True)
     # a separate process: the teacher's process group must not outlive it
-    code = ("import sys; from pathlib import Path; from megatron_senseflow import demo; "
+    code = ("import sys; from pathlib import Path; from megatron_senseflow import demo, train_cli; "
+            "train_cli.quiet_known_warnings(); "
             "demo.train_teacher(Path(sys.argv[1]), demo.digits_text(), print, int(sys.argv[2]))")
     rc = subprocess.call([sys.executable, "-c", code, str(tmp), str(train["steps"])])
     if rc != 0:
