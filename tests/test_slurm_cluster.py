@@ -152,8 +152,8 @@ def test_senseflow_train_on_slurm_preempted_requeued_equals_uninterrupted(slurm_
     from tests.trainer_helpers import make_teacher, train_inprocess
 
     teacher = make_teacher(tmp_path / "teacher")
-    steps = 12
-    overrides = [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={steps}", "checkpoint.every=5",
+    steps = 30  # leaves the signal seconds to arrive before the run ends, even on a loaded machine
+    overrides = [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={steps}", "checkpoint.every=10",
                  "logging.log_every=1"]
     out = tmp_path / "run"
     job = _launch(capsys, out, None, "--tp", "1", *overrides)
