@@ -17,5 +17,7 @@ class TECoreAttention(TEDotProductAttention):
         super().__init__(config=config, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
 
     def forward(self, q_SBND, k_SBND, v_SBND):
+        # q/k/v arrive as strided views of the fused QKV output; TE's fused kernels want dense sbhd
+        q_SBND, k_SBND, v_SBND = q_SBND.contiguous(), k_SBND.contiguous(), v_SBND.contiguous()
         out = super().forward(q_SBND, k_SBND, v_SBND, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
         return out.reshape(out.shape[0], out.shape[1], -1)
