@@ -135,8 +135,11 @@ class DiscriminatorHead(nn.Module):
 
 
 class VFMDiscriminator(nn.Module):
-    def __init__(self, dinov2: nn.Module, feature_layers: list[int], text_dim: int, image_size: int):
+    def __init__(self, dinov2: nn.Module, feature_layers: list[int], text_dim: int, image_size: int,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
+        # bf16 runs DINOv2 and the heads under autocast (weights and AdamW states stay fp32)
+        self.compute_dtype = compute_dtype
         self.dinov2 = dinov2.eval().requires_grad_(False)
         n = dinov2.config.num_hidden_layers
         bad = [i for i in feature_layers if not 0 <= i < n]
@@ -186,9 +189,6 @@ class VFMDiscriminator(nn.Module):
             tokens = hidden[i + 1][:, 1:]  # hidden_states[0] is the embedding; drop CLS
             maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side).float())
         return maps
-
-    compute_dtype: torch.dtype = torch.float32
-    """bf16 runs DINOv2 and the heads under autocast (weights and AdamW states stay fp32)."""
 
     def forward(self, images_BCHW, text_BP, ref_maps: list[torch.Tensor]) -> torch.Tensor:
         """Logit per sample: mean over heads and locations."""

@@ -72,27 +72,27 @@ class Plan:
         return self.total <= self.gpu_mem
 
 
-def _stage_params(arch, tp: int, pp: int, pp_split, tokens) -> float:
-    """Parameters on the most loaded stage's GPU: its blocks' TP shard plus the replicated embedders."""
+@dataclass
+class StageShare:
+    """What the most loaded pipeline stage holds on one GPU."""
+
+    params: float  # its blocks' TP shard + their TP-replicated parts + the replicated embedders
+    split_params: float  # the TP-split part alone (the GEMM weights TE can keep in FP8)
+    blocks: int
+
+
+def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
     from models import stage_layout
     from models.flops import block_params, embedder_params
 
-    blocks = block_params(arch)
-    most = 0.0
+    counts = block_params(arch)
+    stages = []
     for rank in range(pp):
         lay = stage_layout(arch, pp, rank, pp_split, tokens)
-        n = sum(s / tp + r for s, r in blocks[lay.first : lay.last])
-        most = max(most, n)
-    return most + embedder_params(arch)
-
-
-def _stage_split_params(arch, tp: int, pp: int, pp_split, tokens) -> float:
-    from models import stage_layout
-    from models.flops import block_params
-
-    blocks = block_params(arch)
-    return max(sum(s / tp for s, _ in blocks[lay.first : lay.last])
-               for lay in (stage_layout(arch, pp, r, pp_split, tokens) for r in range(pp)))
+        mine = counts[lay.first : lay.last]
+        split = sum(sp / tp for sp, _ in mine)
+        stages.append(StageShare(split + sum(r for _, r in mine) + embedder_params(arch), split, len(mine)))
+    return max(stages, key=lambda st: st.params)
 
 
 def block_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int) -> float:
@@ -114,7 +114,7 @@ def stage_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, ele
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     from models.configs import FluxArch
-    from models.flops import image_tokens
+    from models.flops import image_tokens, param_count
 
     p = cfg.parallel
     world = nodes * gpus_per_node
@@ -134,19 +134,12 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     # 1F1B keeps up to pp microbatches in flight on the first stage
     in_flight = mb * min(p.num_microbatches, p.pp) if p.pp > 1 else mb
 
-    def blocks_on_stage(arch):
-        from models import stage_layout
-
-        layouts = [stage_layout(arch, p.pp, r, p.pp_split, tokens) for r in range(p.pp)]
-        return max(lay.last - lay.first for lay in layouts)
-
     roles: list[RoleMemory] = []
     # teacher: frozen, forward only
-    n_t = _stage_params(t_arch, p.tp, p.pp, p.pp_split, tokens)
-    t = cfg.roles.teacher
-    if t.fp8_weights:
-        gemm = _stage_split_params(t_arch, p.tp, p.pp, p.pp_split, tokens)
-        w = gemm * 1 + (n_t - gemm) * elem
+    t_share = stage_share(t_arch, p.tp, p.pp, p.pp_split, tokens)
+    n_t = t_share.params
+    if cfg.roles.teacher.fp8_weights:  # 1 byte per GEMM weight, the rest stays in params_dtype
+        w = t_share.split_params + (n_t - t_share.split_params) * elem
     else:
         w = n_t * elem
     teacher = RoleMemory("teacher", n_t, w)
@@ -155,7 +148,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     roles.append(teacher)
 
     for name, rc in (("generator", cfg.roles.generator), ("fake_score", cfg.roles.fake_score)):
-        n = _stage_params(s_arch, p.tp, p.pp, p.pp_split, tokens)
+        share = stage_share(s_arch, p.tp, p.pp, p.pp_split, tokens)
+        n = share.params
         r = RoleMemory(name, n, n * elem, grads=n * 4)
         opt = n * (8 if fp32 else 12)
         if p.distributed_optimizer:
@@ -165,7 +159,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         else:
             r.optimizer = opt
         r.activations = stage_activation_bytes(s_arch, s_img + s_txt, in_flight, p.tp, p.sequence_parallel, elem,
-                                               cfg.model.recompute, blocks_on_stage(s_arch))
+                                               cfg.model.recompute, share.blocks)
         roles.append(r)
 
     dc = cfg.roles.discriminator
@@ -191,17 +185,11 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     runtime = RUNTIME_GB * GB
     total = (static + peak + runtime) * (1 + FRAGMENTATION)
     fam = "FLUX" if isinstance(t_arch, FluxArch) else "SD3"
-    header = (f"{cfg.model.preset} ({fam}, {t_arch_params(t_arch) / 1e9:.2f} B parameters): {nodes} node(s) x "
+    header = (f"{cfg.model.preset} ({fam}, {param_count(t_arch) / 1e9:.2f} B parameters): {nodes} node(s) x "
               f"{gpus_per_node} GPUs of {gpu_mem_gb:g} GB, tp={p.tp} pp={p.pp} dp={dp}, micro-batch {mb}, "
               f"{cfg.data.resolution} px ({s_img} image + {s_txt} text tokens), {cfg.model.params_dtype} weights, "
               f"recompute={cfg.model.recompute}, distributed optimizer {'on' if p.distributed_optimizer else 'off'}")
     return Plan(header, roles, peak, phase, runtime, total, gpu_mem_gb * GB)
-
-
-def t_arch_params(arch) -> int:
-    from models.flops import param_count
-
-    return param_count(arch)
 
 
 def render(pl: Plan) -> str:

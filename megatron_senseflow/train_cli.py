@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from . import signals
 
     signals.install()
-    quiet_known_warnings()
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes
@@ -70,6 +69,7 @@ def main() -> int:
     from . import signals
 
     signals.install()  # before torch is imported: a signal during start-up must not kill the rank
+    quiet_known_warnings()  # `senseflow train` does this in cli.main; this is the torchrun entry
     p = argparse.ArgumentParser(prog="senseflow train", description=__doc__)
     add_arguments(p)
     from .config import ConfigError

@@ -149,9 +149,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
             dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
-            net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size)
+            net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size,
+                                   torch.bfloat16 if dc.precision == "bf16" else torch.float32)
         net = net.to(self.dev).eval()
-        net.compute_dtype = torch.bfloat16 if dc.precision == "bf16" else torch.float32
         o = dc.optimizer
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)

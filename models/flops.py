@@ -6,7 +6,7 @@ A backward pass costs 2x the forward; with full recompute add one forward.
 """
 from __future__ import annotations
 
-from .configs import Arch, FluxArch, SD3Arch
+from .configs import Arch, FluxArch
 
 
 def linear(tokens: int, fan_in: int, fan_out: int) -> int:

@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -118,7 +116,6 @@ def bench_blocks(args, device, peak) -> list[dict]:
                     t = timed(fn, 3, args.iters, device)
                     rows.append(dict(block=kind, batch=b, impl=label, ms=t * 1e3, tflops=flops / t / 1e12,
                                      of_peak=flops / t / 1e12 / peak))
-        del model
     rows += diffusers_blocks(args, device, peak, s_img, s_txt)
     return rows
 
@@ -188,13 +185,11 @@ def ours_iteration(args, device, out_dir: Path) -> tuple[float, float]:
     f = tr._flops
     # generator: forward + backward (3 forwards); teacher and fake: one forward each; fake step: 3 forwards
     flops = 3 * f["generator"] + f["teacher"] + f["fake_score"] + 3 * f["fake_score"]
-    del tr
     return t, flops
 
 
 def authors_iteration(args, device) -> float:
     """The same DMD + fake-score work with diffusers modules, bf16 autocast and FSDP on every block."""
-    import torch.distributed as dist
     from diffusers import FluxTransformer2DModel
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -274,8 +269,6 @@ def authors_iteration(args, device) -> float:
         opt_f.zero_grad(set_to_none=True)
 
     t = timed(step, 2, args.iters, device)
-    del teacher, gen, fake, opt_g, opt_f
-    assert dist.is_initialized()
     return t
 
 

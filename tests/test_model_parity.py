@@ -49,21 +49,10 @@ def reference(variant: str, seed: int = 0):
 
 
 def inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    h, w = latent_hw
-    text = torch.randn(batch, num_txt, arch.joint_attention_dim, generator=g)
-    pooled = torch.randn(batch, arch.pooled_projection_dim, generator=g)
-    if arch.family == "flux":
-        from models.flux import image_ids, text_ids
+    """The inputs users' verify_conversion runs use, with a random guidance scale per sample."""
+    from tools.verify_conversion import random_inputs
 
-        x = torch.randn(batch, (h // 2) * (w // 2), arch.in_channels, generator=g)
-        t = torch.rand(batch, generator=g)
-        guidance = torch.rand(batch, generator=g) * 5 if arch.guidance_embeds else None
-        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                    img_ids=image_ids(h, w), txt_ids=text_ids(num_txt), guidance=guidance)
-    x = torch.randn(batch, arch.in_channels, h, w, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t)
+    return random_inputs(arch, batch, latent_hw, num_txt, seed, guidance=None)
 
 
 def microbatches(batch: dict, n: int) -> list[dict]:

@@ -145,7 +145,6 @@ def _ida_gathered_body(env, directory, phase):
     from models import transformer_config
     from models.checkpoint_io import load_model, save_model
     from models.configs import make_arch
-    from tests.trainer_helpers import _save_teacher  # noqa: F401  (same tiny arch family)
 
     arch = make_arch("tiny-flux", {"guidance_embeds": False})
     tc = transformer_config(arch, tp=env.tp, pp=env.pp)

@@ -22,7 +22,6 @@ import argparse
 import gc
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the checkout this file belongs to
@@ -37,8 +36,10 @@ class VerifyError(ValueError):
     """The check cannot run; one sentence naming the value and the fix."""
 
 
-def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int, guidance: float):
-    """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed)."""
+def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int, guidance: float | None):
+    """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed).
+
+    guidance None: a different random scale in [0, 5) per sample (the parity tests use that)."""
     from models.flux import image_ids, text_ids
 
     g = torch.Generator().manual_seed(seed)
@@ -48,9 +49,14 @@ def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, se
     if arch.family == "flux":
         x = torch.randn(batch, (h // 2) * (w // 2), arch.in_channels, generator=g)
         t = torch.rand(batch, generator=g)
+        if not arch.guidance_embeds:
+            g_B = None
+        elif guidance is None:
+            g_B = torch.rand(batch, generator=g) * 5
+        else:
+            g_B = torch.full((batch,), guidance)
         return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                    img_ids=image_ids(h, w), txt_ids=text_ids(num_txt),
-                    guidance=torch.full((batch,), guidance) if arch.guidance_embeds else None)
+                    img_ids=image_ids(h, w), txt_ids=text_ids(num_txt), guidance=g_B)
     x = torch.randn(batch, arch.in_channels, h, w, generator=g)
     return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
                 timestep=torch.rand(batch, generator=g) * 1000)
