@@ -1,15 +1,22 @@
-"""Step checkpoints: one directory per step holding every role, optimizer, RNG and the loader position.
+"""Step checkpoints: one directory per step, written and read by the parts that own the state.
+
+`CheckpointManager(root, states={name: part})` iterates a registry of stateful
+parts; each part writes and reads its own files (`save_state(step_dir)`,
+`load_state(step_dir)`, both collective), so save and load cannot drift apart:
 
     OUT/checkpoints/step_00001200/
-        generator/ fake_score/ [ema/]           role checkpoints (models/checkpoint_io.py format)
-        generator_optim/ fake_score_optim/      megatron distributed-optimizer states (fully reshardable)
-        discriminator.pt                        trainable heads + AdamW state (torch.save, loaded weights_only)
-        fixed_samples.pt                        conditioning of the TensorBoard sample grids
-        trainer_state.json                      step counters, LR schedules, loader position, NaN counters
-    (no RNG state: training noise is a function of (seed, step, sample), see rng.py)
-        config.yaml                             the resolved config
-        COMPLETE                                written last
+        generator/ generator_optim/ generator_scheduler.json      roles.Role (weights are a role checkpoint,
+        fake_score/ fake_score_optim/ fake_score_scheduler.json   models/checkpoint_io.py; optimizer states are
+                                                                  megatron's, fully reshardable)
+        [ema/]                                                    roles.EMA
+        [discriminator.pt]                                        discriminator.DiscriminatorRole (heads + AdamW,
+                                                                  loaded weights_only)
+        data_state.json                                           data_source (loader position of every replica)
+        trainer_state.json config.yaml fixed_samples.pt           trainer.Progress (counters, NaN counters, the
+                                                                  resolved config, the sample-grid conditioning)
+        COMPLETE                                                  written last
     OUT/checkpoints/latest                      text file naming the newest complete step directory
+There is no RNG state: training noise is a function of (seed, step, sample), see rng.py.
 
 Atomicity: ranks write into `step_N.tmp/`; after a barrier rank 0 writes
 COMPLETE, renames the directory to `step_N/` (atomic on POSIX) and only then
@@ -22,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import torch.distributed as dist
 
@@ -39,10 +46,19 @@ def _barrier():
         dist.barrier()
 
 
+class Stateful(Protocol):
+    """A checkpoint part: writes and reads its own files in a step directory (collective calls)."""
+
+    def save_state(self, step_dir: Path) -> None: ...
+
+    def load_state(self, step_dir: Path) -> None: ...
+
+
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 3):
+    def __init__(self, root: str | Path, keep_last: int = 3, states: dict[str, Stateful] | None = None):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.states = dict(states or {})
 
     @staticmethod
     def step_name(step: int) -> str:
@@ -65,15 +81,21 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
         _barrier()
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Collective: `write(tmp_dir)` runs on every rank; rank 0 publishes the result atomically."""
+    def load(self, path: Path) -> None:
+        """Every registered part reads its state from the step directory `path` (collective)."""
+        for part in self.states.values():
+            part.load_state(path)
+
+    def save(self, step: int) -> Path:
+        """Collective: every part writes into `step_N.tmp/`; rank 0 then publishes it atomically."""
         final = self.root / self.step_name(step)
         tmp = self.root / (self.step_name(step) + ".tmp")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        write(tmp)
+        for part in self.states.values():
+            part.save_state(tmp)
         _barrier()
         if _rank() == 0:
             (tmp / COMPLETE).write_text(json.dumps({"step": step}))

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from models.configs import Arch, ArchError, divisors, make_arch
+from models.configs import Arch, ArchError, make_arch
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 METHODS = ("senseflow", "dmd2", "sid")
@@ -322,33 +322,20 @@ class Config:
         except ArchError as e:
             raise ConfigError(str(e)) from None
         p = self.parallel
-        for name in ("tp", "pp", "cp"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(p, name)} must be at least 1.")
-        heads = arch.num_attention_heads
-        label = {"flux": "FLUX", "sd3": "SD3"}[arch.family]
-        if heads % p.tp:
-            raise ConfigError(
-                f"tensor parallel size {p.tp} does not divide {label}'s {heads} attention heads; "
-                f"use one of {', '.join(map(str, divisors(heads)))}."
-            )
+        try:
+            arch.check_layout(p.tp, p.pp, p.cp, world_size)
+        except ArchError as e:
+            raise ConfigError(str(e)[:-1] + "; change the number of processes or the parallel sizes."
+                              if e.kind == "world" else str(e)) from None
         if p.cp != 1:
             raise ConfigError("context parallel (parallel.cp) is not supported by the DiTs yet; set parallel.cp=1.")
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1.")
-        num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
-        if p.pp > num_blocks:
-            raise ConfigError(f"pipeline parallel size {p.pp} exceeds the model's {num_blocks} blocks.")
         if p.pp_split is not None:
-            if len(p.pp_split) != p.pp or sum(p.pp_split) != num_blocks or min(p.pp_split) < 1:
+            if len(p.pp_split) != p.pp or sum(p.pp_split) != arch.num_blocks or min(p.pp_split) < 1:
                 raise ConfigError(
-                    f"parallel.pp_split={p.pp_split} must list {p.pp} positive block counts summing to {num_blocks}."
+                    f"parallel.pp_split={p.pp_split} must list {p.pp} positive block counts summing to {arch.num_blocks}."
                 )
-        if world_size is not None and world_size % (p.tp * p.pp * p.cp):
-            raise ConfigError(
-                f"world size {world_size} is not a multiple of tp x pp x cp = {p.tp * p.pp * p.cp}; "
-                f"change the number of processes or the parallel sizes."
-            )
         if self.model.spec not in ("local", "te"):
             raise ConfigError(f"model.spec={self.model.spec!r} is unknown; use 'local' or 'te'.")
         if self.model.recompute not in ("none", "full", "selective"):
@@ -396,7 +383,7 @@ class Config:
             raise ConfigError(f"distill.ida_lambda={d.ida_lambda} must lie in [0, 1].")
         if d.guidance_mode not in ("embedding", "cfg"):
             raise ConfigError(f"distill.guidance_mode={d.guidance_mode!r} must be 'embedding' or 'cfg'.")
-        if d.guidance_mode == "embedding" and not getattr(arch, "guidance_embeds", False):
+        if d.guidance_mode == "embedding" and not arch.guidance_embeds:
             raise ConfigError(
                 f"distill.guidance_mode='embedding' needs a teacher with a guidance embedding ({self.model.preset} "
                 f"has none); use guidance_mode='cfg'."

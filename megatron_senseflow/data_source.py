@@ -8,6 +8,7 @@ part of the checkpoint.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,7 +17,30 @@ from .config import Config, ConfigError
 from .rng import BatchRandom, sample_ids
 
 
-class SyntheticData:
+class _Checkpointed:
+    """Checkpoint part of a data source: the position of every data-parallel replica, merged into
+    one record (`data_state.json`) from which any DP layout resumes."""
+
+    name = "data"
+    FILE = "data_state.json"
+    dp_rank: int
+    dp_size: int
+
+    def save_state(self, step_dir: Path) -> None:  # collective
+        import torch.distributed as dist
+
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (self.dp_rank, self.state_dict()))
+        per_dp = dict(states)  # ranks of one replica hold the same position
+        merged = self.merge_states([per_dp[r] for r in range(self.dp_size)])
+        if dist.get_rank() == 0:
+            (step_dir / self.FILE).write_text(json.dumps(merged))
+
+    def load_state(self, step_dir: Path) -> None:
+        self.load_state_dict(json.loads((step_dir / self.FILE).read_text()))
+
+
+class SyntheticData(_Checkpointed):
     """Random samples that are a function of (data seed, global sample index): tests and smoke runs.
 
     Sample i is the same whatever the DP layout, so runs on different layouts see the same data.
@@ -55,12 +79,13 @@ class SyntheticData:
         return {"index": max(s["index"] for s in states)}
 
 
-class ShardData:
+class ShardData(_Checkpointed):
     """Encoded shards through data.loader.ShardLoader, moved to the device, with empty-prompt embeddings."""
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, device):
         from data.loader import ShardLoader
 
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.loader = ShardLoader(cfg.data, dp_rank=dp_rank, dp_size=dp_size)
         self.device = device
         self.neg = self._empty_prompt(cfg.data.path)

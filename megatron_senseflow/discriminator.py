@@ -205,3 +205,64 @@ class VFMDiscriminator(nn.Module):
     def _autocast(self, x):
         on = self.compute_dtype != torch.float32
         return torch.autocast(device_type=x.device.type, dtype=self.compute_dtype, enabled=on)
+
+
+# --------------------------------------------------------------------------- the role
+
+
+class DiscriminatorRole:
+    """The replicated discriminator as a role: the trainable heads with their AdamW, the frozen codec
+    that decodes latents for it, and its augmentation. Same update interface as the DiT roles
+    (`zero_grad`, `step`, `lr`), so the trainer's NaN policy treats every role alike."""
+
+    name = "discriminator"
+
+    def __init__(self, net: VFMDiscriminator, codec: nn.Module, optimizer: torch.optim.Optimizer, augment: DiffAugment,
+                 clip_grad: float = 1.0):
+        self.net, self.codec, self.optimizer, self.augment, self.clip_grad = net, codec, optimizer, augment, clip_grad
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> tuple[bool, float]:
+        """Average the head grads over data parallel (every rank holds the same heads), clip, AdamW."""
+        _mean_grads_over_dp(list(self.net.trainable_parameters()))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.net.trainable_parameters(), self.clip_grad))
+        self.optimizer.step()
+        return True, norm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # checkpoint part: the heads and AdamW state, replicated, so rank 0 writes them and every rank
+    # reads them back (weights_only: a checkpoint file is data, never code)
+    FILE = "discriminator.pt"
+
+    def save_state(self, step_dir) -> None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            torch.save({"heads": self.net.heads.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       step_dir / self.FILE)
+
+    def load_state(self, step_dir) -> None:
+        device = next(self.net.heads.parameters()).device
+        d = torch.load(step_dir / self.FILE, map_location=device, weights_only=True)
+        self.net.heads.load_state_dict(d["heads"])
+        self.optimizer.load_state_dict(d["optimizer"])
+
+
+def _mean_grads_over_dp(params: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    dp = ps.get_data_parallel_world_size()
+    if not grads or dp == 1:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    flat /= dp
+    for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(s)

@@ -56,6 +56,14 @@ class DistEnv:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def sum_over_model_parallel(self, value: float) -> float:
+        """A per-shard float summed over this replica's TP and PP ranks."""
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=ps.get_model_parallel_group())
+        return float(t.item())
+
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand Slurm's compressed host list: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
@@ -143,12 +151,13 @@ def init_distributed(
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
 
-    mp = parallel.tp * parallel.pp * parallel.cp
-    if world % mp:
-        raise ConfigError(
-            f"world size {world} is not a multiple of tp x pp x cp = {parallel.tp} x {parallel.pp} x {parallel.cp}; "
-            f"launch a multiple of {mp} processes or change the parallel sizes."
-        )
+    from models.configs import LayoutError, check_world
+
+    try:
+        check_world(world, parallel.tp, parallel.pp, parallel.cp)
+    except LayoutError as e:
+        raise ConfigError(f"{str(e)[:-1]}; launch a multiple of {parallel.tp * parallel.pp * parallel.cp} processes "
+                          "or change the parallel sizes.") from None
     if not dist.is_initialized():
         kwargs = {}
         if dev.type == "cuda":

@@ -1,6 +1,6 @@
-"""Distillation objectives as methods over the same roles: SenseFlow, DMD2 and SiD share one iteration.
+"""Distillation objectives as methods over the same roles: each owns one whole iteration.
 
-One iteration (DESIGN.md section 3):
+`Objective.step(batch, step) -> logs` is the iteration (docs/design.md, "One iteration"):
 1. student input at anchor tau_i: a real latent noised to tau_i, or (with
    probability `backward_sim_prob`) G run from pure noise down to tau_i;
 2. x0_hat = G(x_tau);
@@ -8,6 +8,8 @@ One iteration (DESIGN.md section 3):
    IDA into the fake score and the EMA;
 4. every iteration a fake-score update (flow matching on sg(x0_hat)) and a
    discriminator update (hinge, real vs sg(decode(x0_hat))).
+The trainer owns the loop around it: data, the NaN policy (`UpdateGuard`),
+signals, checkpoints and logging.
 
 Generator update, two paths with the same gradients (tested):
 - single pass (PP = 1): the grad forward's own detached output feeds the
@@ -19,25 +21,22 @@ so a resumed run repeats the uninterrupted one exactly, on any layout.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from . import flow, losses
 from .config import Config
-from .rng import BatchRandom
-from .roles import Role, ida_blend
+from .rng import BatchRandom, sample_ids
+from .roles import Roles, ida_blend
 
 
-@dataclass
-class Discriminator:
-    """The replicated discriminator, its codec, optimizer and augmentation."""
+class UpdateGuard(Protocol):
+    """The trainer's NaN policy for one role update (trainer.py): step it, or skip it on every rank."""
 
-    net: torch.nn.Module
-    codec: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    augment: object
-    clip_grad: float = 1.0
+    def __call__(self, role, terms: dict, prefix: str, logs: dict) -> bool: ...
 
 
 @dataclass
@@ -64,21 +63,64 @@ class Objective:
     name = "senseflow"
     use_isg = True
     use_ida = True
-    use_gan = True
+    uses_discriminator = True
 
-    def __init__(self, cfg: Config, generator: Role, fake: Role, teacher: Role, disc: Discriminator | None,
-                 taus: list[float], force_two_pass: bool = False):
+    @classmethod
+    def wants_discriminator(cls, cfg: Config) -> bool:
+        """The one place that decides whether a run builds and trains the discriminator."""
+        return cls.uses_discriminator and cfg.roles.discriminator.enabled
+
+    def __init__(self, cfg: Config, roles: Roles, taus: list[float], env, guard: UpdateGuard,
+                 force_two_pass: bool = False):
         self.cfg, self.d = cfg, cfg.distill
-        self.G, self.F, self.T, self.D = generator, fake, teacher, disc
+        self.roles = roles
+        self.G, self.F, self.T, self.D = roles.generator, roles.fake_score, roles.teacher, roles.discriminator
         self.taus = taus
+        self.env = env
+        self.guard = guard
+        self.local_batch = cfg.data.micro_batch_size * cfg.parallel.num_microbatches
         self.rnd: BatchRandom | None = None
         self.gen_aug_rnd: BatchRandom | None = None
         self.disc_aug_rnd: BatchRandom | None = None
-        self.use_gan = self.use_gan and disc is not None and cfg.roles.discriminator.enabled
-        self.two_pass = force_two_pass or generator.pp > 1
+        self.use_gan = self.D is not None
+        self.two_pass = force_two_pass or self.G.pp > 1
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, batch: dict, step: int) -> dict[str, float]:
+        """One iteration: generator update every `ttur`-th, then fake score and discriminator."""
+        if self.D is not None and "image" not in batch:
+            with torch.no_grad():  # shards without pixels: the real image is the decoded real latent
+                batch["image"] = self.D.codec.decode(batch["latent"].float())
+        self.begin(step)
+        st = self.student_input(batch)
+        self.reference_maps(st)
+        logs: dict[str, float] = {}
+        # the fake score and discriminator update every iteration, the generator every ttur-th, after
+        # the fake score had ttur - 1 updates of its own (and on logged steps when log_every % ttur == 0)
+        if (step + 1) % self.d.ttur == 0:
+            v0 = self.generator_update(st)
+            if self.guard(self.G, st.logs, "gen/", logs):
+                self.after_generator_update(logs)
+        else:
+            v0 = self.g_velocity(st, st.x_tau, st.tau)
+        st.x0_hat = flow.x0_from_v(st.x_tau, st.tau, v0).detach()
+        self.fake_update(st)
+        self.guard(self.F, st.logs, "fake/", logs)
+        if self.D is not None:
+            self.discriminator_update(st, logs)
+        logs.update(st.logs)
+        return logs
+
+    def after_generator_update(self, logs: dict) -> None:
+        """IDA into the fake score and the generator EMA, after each generator update."""
+        if self.use_ida:
+            sq = ida_blend(self.F, self.G, self.d.ida_lambda)
+            logs["ida/phi_minus_theta"] = math.sqrt(self.env.sum_over_model_parallel(sq))
+        if self.roles.ema is not None:
+            self.roles.ema.update()
 
     # ------------------------------------------------------------------ randomness
-    def begin(self, seed: int, step: int, sample_ids: list[int], device) -> None:
+    def begin(self, step: int) -> None:
         """Per-sample random streams of this iteration (rng.py).
 
         Three streams: noise and timesteps; the augmentation of the generator's GAN
@@ -86,9 +128,11 @@ class Objective:
         discriminator step, which every rank runs. Separate streams keep the last two
         in step on all ranks.
         """
-        self.rnd = BatchRandom(seed, 0, step, sample_ids, device)
-        self.gen_aug_rnd = BatchRandom(seed, 1, step, sample_ids, device)
-        self.disc_aug_rnd = BatchRandom(seed, 2, step, sample_ids, device)
+        seed, dev = self.cfg.train.seed, self.env.device
+        ids = sample_ids(step, self.local_batch * self.env.dp, self.env.dp_rank, self.local_batch)
+        self.rnd = BatchRandom(seed, 0, step, ids, dev)
+        self.gen_aug_rnd = BatchRandom(seed, 1, step, ids, dev)
+        self.disc_aug_rnd = BatchRandom(seed, 2, step, ids, dev)
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
         return self.rnd.randn_like(like)
@@ -103,7 +147,7 @@ class Objective:
         return flow.logit_normal(self.rnd.randn(), d.logit_normal_mean, d.logit_normal_std)
 
     def student_guidance(self, st: IterState):
-        return st.guidance if getattr(self.G.arch, "guidance_embeds", False) else None
+        return st.guidance if self.G.arch.guidance_embeds else None
 
     def g_velocity(self, st: IterState, x, sigma):
         return self.G.forward(x, sigma, st.text, st.pooled, self.student_guidance(st))
@@ -112,7 +156,7 @@ class Objective:
         """Teacher with guidance: FLUX's guidance embedding, or real CFG with the empty-prompt branch."""
         if self.d.guidance_mode == "embedding":
             return self.T.forward(x, sigma, st.text, st.pooled, st.guidance)
-        g_in = torch.ones_like(st.guidance) if getattr(self.T.arch, "guidance_embeds", False) else None
+        g_in = torch.ones_like(st.guidance) if self.T.arch.guidance_embeds else None
         v_c = self.T.forward(x, sigma, st.text, st.pooled, g_in)
         if bool((st.guidance == 1.0).all()):
             return v_c  # scale 1 is the conditional model: skip the empty-prompt pass
@@ -237,23 +281,20 @@ class Objective:
     def reference_maps(self, st: IterState):
         if self.use_gan:
             with torch.no_grad():
-                st.ref_maps = self.D.net.reference_maps(self._real_images(st))
+                st.ref_maps = self.D.net.reference_maps(st.real_image)
 
-    def _real_images(self, st: IterState) -> torch.Tensor:
-        return st.real_image
-
-    def discriminator_loss(self, st: IterState) -> torch.Tensor:
+    def discriminator_update(self, st: IterState, logs: dict) -> None:
+        self.D.zero_grad()
+        self.D.net.advance_spectral_norm()
         with torch.no_grad():
             fake = self.D.codec.decode(st.x0_hat)
-        real_logits = self.D.net(self.D.augment(self._real_images(st), self.disc_aug_rnd), st.pooled, st.ref_maps)
+        real_logits = self.D.net(self.D.augment(st.real_image, self.disc_aug_rnd), st.pooled, st.ref_maps)
         fake_logits = self.D.net(self.D.augment(fake, self.disc_aug_rnd), st.pooled, st.ref_maps)
         loss = losses.hinge_d_loss(real_logits, fake_logits)
         st.logs.update({"disc/loss": float(loss.detach()), "disc/logit_real": float(real_logits.detach().mean()),
                         "disc/logit_fake": float(fake_logits.detach().mean())})
-        return loss
-
-    def ida(self) -> float | None:
-        return ida_blend(self.F, self.G, self.d.ida_lambda) if self.use_ida else None
+        loss.backward()
+        self.guard(self.D, st.logs, "disc/", logs)
 
 
 class DMD2(Objective):
@@ -270,7 +311,7 @@ class SiD(Objective):
     name = "sid"
     use_isg = False
     use_ida = False
-    use_gan = False
+    uses_discriminator = False
 
     def distribution_targets(self, x0_hat, x0_real, x0_fake, t) -> dict:
         return {"y_real": x0_real, "y_fake": x0_fake, "w": losses.sid_weight(t, self.d.sid_weighting)}

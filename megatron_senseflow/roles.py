@@ -14,7 +14,9 @@ Tensor legend: x latents [B, C, H, W], sigma [B], text [B, L, D], pooled [B, P].
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -175,34 +177,31 @@ class Role:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def prime_optimizer_state(self) -> None:
-        """Give every parameter an (empty) AdamW state so a checkpoint can be loaded into it.
+    # ------------------------------------------------------------------ checkpoint part
+    def save_state(self, step_dir: Path) -> None:
+        """Collective: weights (`NAME/`, a role checkpoint the export tools read), optimizer (`NAME_optim/`)
+        and LR schedule (`NAME_scheduler.json`)."""
+        from models.checkpoint_io import save_model
 
-        Megatron's distributed optimizer builds its sharded state dict from the
-        live state, which torch's AdamW only creates at the first step.
-        """
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = opt.optimizer
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    st = inner.state[p]
-                    if not st:
-                        st["step"] = torch.tensor(0.0)
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        from .mcore_compat import save_optimizer
 
-    def unshare_adam_steps(self) -> None:
-        """After a checkpoint load: give each parameter its own AdamW "step" tensor.
+        save_model(self.module, self.arch, step_dir / self.name)
+        odir = step_dir / f"{self.name}_optim"
+        if dist.get_rank() == 0:
+            odir.mkdir()
+        dist.barrier()
+        save_optimizer(self.module, self.optimizer, str(odir))
+        if dist.get_rank() == 0:
+            (step_dir / f"{self.name}_scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
 
-        megatron-core 0.16's DistributedOptimizer.load_state_dict (torch-AdamW path)
-        puts one shared step tensor into every parameter's state; torch's AdamW then
-        increments it in place once per parameter per step, so bias correction would
-        use a step count ~number-of-parameters too large.
-        """
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            for st in opt.optimizer.state.values():
-                if "step" in st:
-                    st["step"] = st["step"].clone()
+    def load_state(self, step_dir: Path) -> None:
+        from models.checkpoint_io import load_model
+
+        from .mcore_compat import load_optimizer
+
+        load_model(self.module, self.arch, step_dir / self.name)
+        load_optimizer(self.module, self.optimizer, str(step_dir / f"{self.name}_optim"))
+        self.scheduler.load_state_dict(json.loads((step_dir / f"{self.name}_scheduler.json").read_text()))
 
 
 def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
@@ -253,6 +252,8 @@ def build_role(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from .mcore_compat import keep_adam_step_on_load
+
     ddp = DistributedDataParallel(
         config=tconfig,
         ddp_config=DistributedDataParallelConfig(
@@ -285,7 +286,7 @@ def build_role(
     )
     with cpu_adam_backend(o.cpu_offload):
         optimizer = get_megatron_optimizer(opt_config, [ddp])
-    _keep_adam_step_on_load(optimizer)
+    keep_adam_step_on_load(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,
@@ -353,32 +354,6 @@ class cpu_adam_backend:
         return False
 
 
-def _keep_adam_step_on_load(optimizer) -> None:
-    """Work around megatron-core 0.16 on the torch-AdamW path (no TransformerEngine / apex).
-
-    There the distributed optimizer keeps AdamW's "step" in each parameter's
-    state, saves it apart from the per-parameter tensors, and on load
-    (`load_parameter_state_from_fully_reshardable` -> `_set_main_param_and_optimizer_states`,
-    optimizer/distrib_optimizer.py) copies every state key from the loaded
-    tensors, which lack "step": KeyError. "step" was already restored from the
-    common state by then, so it is passed through unchanged.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None:
-            continue
-
-        def set_states(model_param, tensors, _opt=opt, _set=setter):
-            if "step" not in tensors:
-                g, o = _opt.model_param_group_index_map[model_param]
-                state = _opt.optimizer.state[_opt.optimizer.param_groups[g]["params"][o]]
-                if "step" in state:
-                    tensors = {**tensors, "step": state["step"]}
-            return _set(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = set_states
-
-
 # ---------------------------------------------------------------------- IDA / EMA
 
 
@@ -423,17 +398,62 @@ def ida_blend(fake: Role, generator: Role, lam: float) -> float:
     return sq
 
 
-class EMA:
-    """fp32 exponential moving average of this rank's generator shards."""
+@dataclass
+class Roles:
+    """Everything an objective trains or consults, built by the trainer from one config."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    generator: Role
+    fake_score: Role
+    teacher: Role
+    discriminator: object | None = None  # discriminator.DiscriminatorRole when the method uses one
+    ema: "EMA | None" = None
+
+
+class EMA:
+    """fp32 exponential moving average of this rank's generator shards; checkpointed in `ema/` as a
+    role checkpoint of the generator's architecture (fp32), so export and sampling read it alike."""
+
+    name = "ema"
+
+    def __init__(self, generator: Role, decay: float):
+        self.generator = generator
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in module.parameters()]
+        self.shadow = [p.detach().float().clone() for p in generator.module.parameters()]
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module):
-        for s, p in zip(self.shadow, module.parameters()):
+    def update(self):
+        for s, p in zip(self.shadow, self.generator.module.parameters()):
             s.mul_(self.decay).add_(p.float(), alpha=1 - self.decay)
 
     def state(self) -> list[torch.Tensor]:
         return self.shadow
+
+    def _sharded(self) -> dict:
+        """The generator's sharded state dict with every parameter replaced by its shadow."""
+        import dataclasses
+
+        module = self.generator.module
+        by_param = {id(p): s for p, s in zip(module.parameters(), self.shadow)}
+        return {k: dataclasses.replace(v, data=by_param[id(v.data)])
+                for k, v in module.sharded_state_dict().items() if id(v.data) in by_param}
+
+    def save_state(self, step_dir: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        from models.checkpoint_io import write_meta
+
+        directory = step_dir / self.name
+        if dist.get_rank() == 0:
+            directory.mkdir()
+        dist.barrier()
+        dist_checkpointing.save(self._sharded(), str(directory))
+        if dist.get_rank() == 0:
+            write_meta(directory, self.generator.arch, torch.float32)
+
+    def load_state(self, step_dir: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        sd = self._sharded()
+        loaded = dist_checkpointing.load(sd, str(step_dir / self.name))
+        for k, v in sd.items():
+            v.data.copy_(loaded[k])

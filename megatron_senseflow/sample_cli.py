@@ -93,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from .distributed import destroy_distributed, init_distributed
     from .roles import Role
     from .sampling import guided, sample_euler, sample_student
-    from models.configs import FluxArch
     from models.flops import image_tokens
 
     prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         module, arch = load_model(args, args.tp, args.pp)
         role = Role("sampler", arch, module)
-        channels = arch.in_channels // 4 if isinstance(arch, FluxArch) else arch.in_channels
+        channels = arch.latent_channels
         codec = load_codec(args.vae, args.text_encoder, channels).to(env.device)
         text = load_text_encoder(args.text_encoder, arch.family, None)
         side = args.resolution // codec.factor
@@ -117,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         for start in range(0, len(jobs), args.batch):
             chunk = jobs[start : start + args.batch]
             c, p = (t.to(env.device) for t in text.encode([prompts[i] for i, _ in chunk]))
-            g_val = torch.full((len(chunk),), args.guidance, device=env.device) if getattr(arch, "guidance_embeds", False) else None
+            g_val = torch.full((len(chunk),), args.guidance, device=env.device) if arch.guidance_embeds else None
             noise = torch.randn(len(chunk), channels, side, side, generator=gen).to(env.device)
 
             def vel(cc, pp):

@@ -1,13 +1,13 @@
 """The training loop: builds the roles from one config, runs the objective, checkpoints, monitors.
 
-Narrow hooks: `train_step(step, batch)` is one iteration of the objective
-(methods.py); `run()` adds data, the NaN guard, signals, checkpoints and
-logging around it. Everything a resumed run needs to repeat the uninterrupted
-one bit for bit on CPU is in the step checkpoint (checkpoint.py).
+The objective owns one iteration (`Objective.step(batch, step)`, methods.py);
+the trainer owns what surrounds it: data, the NaN policy (`_guarded_update`,
+one rule for every role), signals, checkpoints (a registry of parts that save
+and load themselves, checkpoint.py) and logging. Everything a resumed run needs
+to repeat the uninterrupted one bit for bit on CPU is in the step checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from models import transformer_config
-from models.checkpoint_io import load_model, save_model, write_meta
-from models.configs import FluxArch
+from models.checkpoint_io import load_model
 from models.flops import forward_flops, image_tokens
 
 from . import flow, signals
@@ -28,12 +26,11 @@ from .checkpoint import CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
-from .discriminator import DiffAugment, VFMDiscriminator, build_dinov2
+from .discriminator import DiffAugment, DiscriminatorRole, VFMDiscriminator, build_dinov2
 from .distributed import DistEnv
-from .methods import OBJECTIVES, Discriminator
+from .methods import OBJECTIVES
 from .monitor import Monitor, device_peak_tflops, image_grid
-from .rng import sample_ids
-from .roles import EMA, build_role
+from .roles import EMA, Roles, build_role
 from .sampling import sample_student
 
 DONE_MARKER = "DONE"  # the Slurm job script requeues a run that exits 0 without it (slurm/README.md)
@@ -41,15 +38,6 @@ DONE_MARKER = "DONE"  # the Slurm job script requeues a run that exits 0 without
 
 class TrainingAborted(RuntimeError):
     """The run cannot continue (e.g. repeated non-finite losses); the message says why and what to try."""
-
-
-def latent_geometry(cfg: Config, codec) -> tuple[int, int]:
-    """(latent channels, latent side) of the data at cfg.data.resolution."""
-    arch = cfg.model.teacher_arch()
-    channels = arch.in_channels // 4 if isinstance(arch, FluxArch) else arch.in_channels
-    down = codec.factor
-    side = cfg.data.resolution // down
-    return channels, side
 
 
 class Trainer:
@@ -80,8 +68,8 @@ class Trainer:
         self.t_arch, self.s_arch = c.model.teacher_arch(), c.model.student_arch()
 
         vae_dtype = torch.bfloat16 if c.roles.discriminator.precision == "bf16" else torch.float32
-        self.codec = build_codec(c.roles.discriminator.vae, self._latent_channels(), vae_dtype).to(self.dev)
-        self.latent_channels, self.latent_side = latent_geometry(c, self.codec)
+        self.codec = build_codec(c.roles.discriminator.vae, self.t_arch.latent_channels, vae_dtype).to(self.dev)
+        self.latent_channels, self.latent_side = self.t_arch.latent_channels, c.data.resolution // self.codec.factor
         self.num_img = image_tokens(self.t_arch, self.latent_side, self.latent_side)
         tokens = (self.num_img, c.data.text_max_length)
         self.local_batch = c.data.micro_batch_size * c.parallel.num_microbatches
@@ -104,17 +92,22 @@ class Trainer:
                             optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
         self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
                             optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
-        self.ema = EMA(self.G.module, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
+        ema = EMA(self.G, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
 
         self.global_batch = self.local_batch * env.dp
-        self.D = self._build_discriminator() if c.roles.discriminator.enabled and c.method != "sid" else None
+        method = OBJECTIVES[c.method]
+        self.D = self._build_discriminator() if method.wants_discriminator(c) else None
         self.taus = flow.anchors(c.distill.num_steps, c.distill.shift or flow.default_shift(self.t_arch.family, self.num_img))
-        self.objective = OBJECTIVES[c.method](c, self.G, self.F, self.T, self.D, self.taus, force_two_pass)
+        self.roles = Roles(self.G, self.F, self.T, self.D, ema)
+        self.objective = method(c, self.roles, self.taus, env, self._guarded_update, force_two_pass)
 
         self.data = build_data_source(c, env, self.latent_channels, self.latent_side, self.t_arch, self.dev)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last)
+        parts = {"generator": self.G, "fake_score": self.F, "ema": ema, "discriminator": self.D, "data": self.data,
+                 "trainer": self}
+        self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last,
+                                      {k: v for k, v in parts.items() if v is not None})
         self.step = 0
-        self.gen_updates = 0
+        self.updates = {"generator": 0, "fake_score": 0, "discriminator": 0}
         self.nan_in_a_row = 0
         self.nan_total = 0
         self.fixed = None  # conditioning of the sample grids, taken from the first batch
@@ -122,10 +115,6 @@ class Trainer:
                        for r in (self.G, self.F, self.T)}
 
     # ------------------------------------------------------------------ building
-    def _latent_channels(self) -> int:
-        arch = self.cfg.model.teacher_arch()
-        return arch.in_channels // 4 if isinstance(arch, FluxArch) else arch.in_channels
-
     def _init_teacher(self):
         path = self.cfg.roles.teacher.checkpoint
         if path:
@@ -142,7 +131,7 @@ class Trainer:
             for name, p in module.named_parameters():
                 p.copy_(teacher[name])
 
-    def _build_discriminator(self) -> Discriminator:
+    def _build_discriminator(self) -> DiscriminatorRole:
         dc = self.cfg.roles.discriminator
         # every rank holds the same replicated discriminator: its init must not depend on
         # how much of the global RNG stream each rank's model stage consumed
@@ -155,67 +144,28 @@ class Trainer:
         o = dc.optimizer
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
-        return Discriminator(net, self.codec, opt, DiffAugment(dc.diffaug), o.clip_grad)
+        return DiscriminatorRole(net, self.codec, opt, DiffAugment(dc.diffaug), o.clip_grad)
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, batch: dict) -> dict[str, float]:
-        c, obj = self.cfg, self.objective
-        if self.D is not None and "image" not in batch:
-            with torch.no_grad():  # shards without pixels: the real image is the decoded real latent
-                batch["image"] = self.codec.decode(batch["latent"].float())
-        ids = sample_ids(self.step, self.global_batch, self.env.dp_rank, self.local_batch)
-        obj.begin(c.train.seed, self.step, ids, self.dev)
-        st = obj.student_input(batch)
-        obj.reference_maps(st)
-        logs: dict[str, float] = {}
-        # the fake score and discriminator update every iteration, the generator every ttur-th, after
-        # the fake score had ttur - 1 updates of its own (and on logged steps when log_every % ttur == 0)
-        if (self.step + 1) % c.distill.ttur == 0:
-            v0 = obj.generator_update(st)
-            if self._all_finite(st.logs, "gen/"):
-                ok, gnorm = self.G.step()
-                logs["gen/grad_norm"], logs["gen/lr"] = gnorm, self.G.lr()
-                self.gen_updates += 1
-                sq = obj.ida()
-                if sq is not None:
-                    logs["ida/phi_minus_theta"] = math.sqrt(self._sum_over_model_parallel(sq))
-                if self.ema is not None:
-                    self.ema.update(self.G.module)
-            else:
-                self.G.zero_grad()
-                logs["nan/skipped_gen"] = 1.0
-        else:
-            v0 = obj.g_velocity(st, st.x_tau, st.tau)
-        st.x0_hat = flow.x0_from_v(st.x_tau, st.tau, v0).detach()
+        return self.objective.step(batch, self.step)
 
-        obj.fake_update(st)
-        if self._all_finite(st.logs, "fake/"):
-            _, fnorm = self.F.step()
-            logs["fake/grad_norm"], logs["fake/lr"] = fnorm, self.F.lr()
-        else:
-            self.F.zero_grad()
-            logs["nan/skipped_fake"] = 1.0
-
-        if self.D is not None:
-            self.D.optimizer.zero_grad(set_to_none=True)
-            self.D.net.advance_spectral_norm()
-            loss = obj.discriminator_loss(st)
-            if self._all_finite(st.logs, "disc/"):
-                loss.backward()
-                self._reduce_discriminator_grads()
-                logs["disc/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.D.net.trainable_parameters(), self.D.clip_grad))
-                self.D.optimizer.step()
-            else:
-                logs["nan/skipped_disc"] = 1.0
-        logs.update(st.logs)
-        return logs
-
-    def _all_finite(self, logs: dict, prefix: str) -> bool:
-        """One decision for all ranks: a skipped step must be skipped everywhere or collectives hang."""
-        vals = [float(v) for k, v in logs.items() if k.startswith(prefix)]
+    def _guarded_update(self, role, terms: dict, prefix: str, logs: dict) -> bool:
+        """The NaN policy, one rule for every role: step it when all of its loss terms are finite on
+        every rank, else drop its grads and count a skip (one decision for all ranks: a skipped update
+        must be skipped everywhere or collectives hang)."""
+        key = prefix.rstrip("/")
+        vals = [float(v) for k, v in terms.items() if k.startswith(prefix)]
         flag = torch.tensor([1.0 if all(math.isfinite(v) for v in vals) else 0.0], device=self.dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
+        if flag.item() > 0:
+            _, norm = role.step()
+            logs[f"{key}/grad_norm"], logs[f"{key}/lr"] = norm, role.lr()
+            self.updates[role.name] += 1
+            return True
+        role.zero_grad()
+        logs[f"nan/skipped_{key}"] = 1.0
+        return False
 
     def _mean_over_dp(self, logs: dict) -> dict:
         """Loss terms as global-batch means (each DP rank logged its own samples)."""
@@ -223,23 +173,6 @@ class Trainer:
         t = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.dev)
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return {**logs, **{k: float(v) / self.env.dp for k, v in zip(keys, t.tolist())}}
-
-    def _sum_over_model_parallel(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.dev)
-        dist.all_reduce(t, group=ps.get_model_parallel_group())
-        return float(t.item())
-
-    def _reduce_discriminator_grads(self):
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        grads = [p.grad for p in self.D.net.trainable_parameters() if p.grad is not None]
-        if not grads or self.env.dp == 1:
-            return
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=ps.get_data_parallel_group())
-        flat /= self.env.dp
-        for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(s)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -359,97 +292,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):
-        path = self.ckpt.save(self.step, self._write_checkpoint)
+        path = self.ckpt.save(self.step)
         if self.env.is_main:
             print(f"[senseflow] saved {path}", flush=True)
-
-    def _optim_meta(self):
-        return {"distrib_optim_sharding_type": "fully_reshardable"}
-
-    def _write_checkpoint(self, tmp: Path):
-        for role in (self.G, self.F):
-            save_model(role.module, role.arch, tmp / role.name)
-            odir = tmp / f"{role.name}_optim"
-            if self.env.is_main:
-                odir.mkdir()
-            dist.barrier()
-            sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), metadata=self._optim_meta())
-            dist_checkpointing.save(sd, str(odir))
-        if self.ema is not None:
-            self._save_ema(tmp / "ema")
-        if self.env.is_main and self.D is not None:
-            torch.save({"heads": self.D.net.heads.state_dict(), "optimizer": self.D.optimizer.state_dict()},
-                       tmp / "discriminator.pt")
-        loader_state = self._global_loader_state()
-        if self.env.is_main:
-            state = {
-                "step": self.step,
-                "gen_updates": self.gen_updates,
-                "nan_in_a_row": self.nan_in_a_row,
-                "nan_total": self.nan_total,
-                "schedulers": {r.name: r.scheduler.state_dict() for r in (self.G, self.F)},
-                "loader": loader_state,
-                "world": {"tp": self.env.tp, "pp": self.env.pp, "dp": self.env.dp},
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            (tmp / "config.yaml").write_text(dump_config(self.cfg))
-            if self.fixed is not None:
-                torch.save(self.fixed, tmp / "fixed_samples.pt")
-
-    def _save_ema(self, directory: Path):
-        sharded = self.G.module.sharded_state_dict()
-        by_param = {id(p): s for p, s in zip(self.G.module.parameters(), self.ema.state())}
-        sd = {k: dataclasses.replace(v, data=by_param[id(v.data)]) for k, v in sharded.items() if id(v.data) in by_param}
-        if self.env.is_main:
-            directory.mkdir()
-        dist.barrier()
-        dist_checkpointing.save(sd, str(directory))
-        if self.env.is_main:
-            write_meta(directory, self.s_arch, torch.float32)
-
-    def _global_loader_state(self):
-        states = [None] * self.env.world_size
-        dist.all_gather_object(states, (self.env.dp_rank, self.data.state_dict()))
-        per_dp = dict(states)  # ranks of one replica hold the same position
-        return self.data.merge_states([per_dp[r] for r in range(self.env.dp)])
 
     def _maybe_resume(self) -> bool:
         self.ckpt.clean_partial()
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
             return False
-        self.load(latest)
+        self.ckpt.load(latest)
         return True
 
-    def load(self, path: Path):
-        state = json.loads((path / "trainer_state.json").read_text())
-        for role in (self.G, self.F):
-            load_model(role.module, role.arch, path / role.name)
-            role.prime_optimizer_state()
-            sd = role.optimizer.sharded_state_dict(role.module.sharded_state_dict(), is_loading=True,
-                                                   metadata=self._optim_meta())
-            role.optimizer.load_state_dict(dist_checkpointing.load(sd, str(path / f"{role.name}_optim")))
-            role.unshare_adam_steps()
-            role.scheduler.load_state_dict(state["schedulers"][role.name])
-        if self.ema is not None and (path / "ema").is_dir():
-            sharded = self.G.module.sharded_state_dict()
-            by_param = {id(p): s for p, s in zip(self.G.module.parameters(), self.ema.state())}
-            sd = {k: dataclasses.replace(v, data=by_param[id(v.data)]) for k, v in sharded.items() if id(v.data) in by_param}
-            loaded = dist_checkpointing.load(sd, str(path / "ema"))
-            for k, v in sd.items():
-                v.data.copy_(loaded[k])
-        if self.D is not None and (path / "discriminator.pt").is_file():
-            d = torch.load(path / "discriminator.pt", map_location=self.dev, weights_only=True)
-            self.D.net.heads.load_state_dict(d["heads"])
-            self.D.optimizer.load_state_dict(d["optimizer"])
+    # the trainer's own checkpoint part: loop counters, NaN counters, the resolved config and the
+    # conditioning of the sample grids
+    STATE_FILE = "trainer_state.json"
+
+    def save_state(self, step_dir: Path) -> None:
+        if not self.env.is_main:
+            return
+        state = {
+            "step": self.step,
+            "updates": self.updates,
+            "nan_in_a_row": self.nan_in_a_row,
+            "nan_total": self.nan_total,
+            "world": {"tp": self.env.tp, "pp": self.env.pp, "dp": self.env.dp},
+        }
+        (step_dir / self.STATE_FILE).write_text(json.dumps(state, indent=1))
+        (step_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if self.fixed is not None:
+            torch.save(self.fixed, step_dir / "fixed_samples.pt")
+
+    def load_state(self, step_dir: Path) -> None:
+        state = json.loads((step_dir / self.STATE_FILE).read_text())
         self.step = state["step"]
-        self.gen_updates = state["gen_updates"]
+        self.updates = state["updates"]
         self.nan_in_a_row, self.nan_total = state["nan_in_a_row"], state["nan_total"]
-        self.data.load_state_dict(state["loader"])
         if state["world"] != {"tp": self.env.tp, "pp": self.env.pp, "dp": self.env.dp} and self.env.is_main:
-            print(f"[senseflow] resuming {path} (saved at {state['world']}) on tp={self.env.tp} pp={self.env.pp} "
+            print(f"[senseflow] resuming {step_dir} (saved at {state['world']}) on tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; weights and optimizer states are resharded at load.", flush=True)
-        fixed = path / "fixed_samples.pt"
+        fixed = step_dir / "fixed_samples.pt"
         if fixed.is_file():
             self.fixed = torch.load(fixed, map_location=self.dev, weights_only=True)
 

@@ -6,8 +6,6 @@ the parallel layout, dtype and recompute settings.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
@@ -32,17 +30,9 @@ def transformer_config(
     fp8_recipe: str = "delayed",
     fp8_param: bool = False,
 ) -> TransformerConfig:
-    num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
-    if arch.num_attention_heads % tp:
-        divs = [d for d in range(1, arch.num_attention_heads + 1) if arch.num_attention_heads % d == 0]
-        raise ValueError(
-            f"tensor parallel size {tp} does not divide {arch.family.upper()}'s {arch.num_attention_heads} "
-            f"attention heads; use one of {', '.join(map(str, divs))}."
-        )
-    if pp > num_blocks:
-        raise ValueError(f"pipeline parallel size {pp} exceeds the model's {num_blocks} blocks.")
+    arch.check_layout(tp, pp)
     cfg = TransformerConfig(
-        num_layers=num_blocks,
+        num_layers=arch.num_blocks,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
         kv_channels=arch.attention_head_dim,
@@ -201,5 +191,3 @@ def _sync_pipeline_replicated(model: DiTBase) -> None:
                 dist.broadcast(p.data, src=src, group=group)
 
 
-def replace_arch(arch: Arch, **changes) -> Arch:
-    return dataclasses.replace(arch, **changes)

@@ -62,6 +62,24 @@ class DiTBase(MegatronModule):
         """ModuleList name -> global index of its first local entry."""
         raise NotImplementedError
 
+    # ---- the output head both families share (diffusers AdaLayerNormContinuous + proj_out)
+    def init_output_head(self, out_dim: int, adaln_linear) -> None:
+        """`norm_out` (adaLN, chunks (scale, shift)) and a zero-initialised `proj_out`, on the last stage."""
+        from .layers import AdaLNModulation, replicated_linear
+
+        hidden = self.config.hidden_size
+        self.norm_out = AdaLNModulation(self.config, hidden, 2, adaln_linear, sharded_tokens=False)
+        self.proj_out = replicated_linear(hidden, out_dim, self.config)
+        torch.nn.init.zeros_(self.proj_out.weight), torch.nn.init.zeros_(self.proj_out.bias)
+
+    def output_head(self, img_SBH: torch.Tensor, c_BH: torch.Tensor) -> torch.Tensor:
+        """Image tokens (gathered if sequence parallel) -> per-token outputs [S, B, out_dim]."""
+        from .layers import layer_norm, modulate, sp_gather
+
+        img = sp_gather(img_SBH, self.config)
+        scale, shift = self.norm_out(c_BH)
+        return self.proj_out(modulate(layer_norm(img), shift, scale))
+
     def global_name(self, local_name: str) -> str:
         offsets = self.block_offsets()
         m = re.match(r"^(\w+)\.(\d+)\.(.*)$", local_name)

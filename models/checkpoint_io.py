@@ -129,9 +129,8 @@ def checkpoint_layout(arch: Arch) -> dict[str, StoredTensor]:
     from . import build_model, transformer_config
 
     tp = ps.get_tensor_model_parallel_world_size()
-    num_blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
     with torch.device("meta"):
-        model = build_model(arch, transformer_config(arch, tp=tp), layout=StageLayout(0, num_blocks, True, True))
+        model = build_model(arch, transformer_config(arch, tp=tp), layout=StageLayout(0, arch.num_blocks, True, True))
     out: dict[str, StoredTensor] = {}
     for name, t in model.tensors():
         key = model.global_name(name)

@@ -7,7 +7,7 @@ both directions without a rename table.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
@@ -15,8 +15,78 @@ class ArchError(ValueError):
     """An architecture config that cannot be built (one sentence, names the value)."""
 
 
+class LayoutError(ArchError):
+    """A TP / PP / world-size layout this architecture cannot run. `kind` says which rule
+    ('size', 'heads', 'blocks', 'world') and `allowed` the values that would work, so that each
+    caller (config, launcher, verification) can say it in its own words."""
+
+    def __init__(self, kind: str, message: str, allowed: list[int] | None = None):
+        super().__init__(message)
+        self.kind, self.allowed = kind, allowed or []
+
+
 @dataclass(kw_only=True)
-class FluxArch:
+class ArchBase:
+    """What every DiT family answers the same way; callers ask these instead of testing the family."""
+
+    family: ClassVar[str]
+    diffusers_class: ClassVar[str]
+    num_layers: int
+    """Transformer blocks (FLUX: the double-stream ones)."""
+    num_attention_heads: int
+    """Attention heads; TP must divide them."""
+    attention_head_dim: int
+    """Channels per attention head."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in pipeline order (what PP splits)."""
+        return self.num_layers
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent the model denoises."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return {"flux": "FLUX", "sd3": "SD3"}[self.family]
+
+    def check_layout(self, tp: int, pp: int, cp: int = 1, world: int | None = None, exact_world: bool = False,
+                     names: dict[str, str] | None = None) -> None:
+        """The one layout rule: TP divides the heads, PP at most the blocks, the world a multiple of
+        tp x pp x cp (`exact_world`: equal to it). `names` maps tp/pp/world to the caller's own
+        words for them (flags, config keys); raises LayoutError."""
+        n = {"tp": "tensor parallel size", "pp": "pipeline parallel size", "world": "world size", **(names or {})}
+        for key, value in (("tp", tp), ("pp", pp), ("cp", cp)):
+            if value < 1:
+                raise LayoutError("size", f"{n.get(key, key)} {value} must be at least 1.")
+        heads = self.num_attention_heads
+        if heads % tp:
+            ok = divisors(heads)
+            raise LayoutError("heads", f"{n['tp']} {tp} does not divide {self.label}'s {heads} attention heads; "
+                                       f"use one of {', '.join(map(str, ok))}.", ok)
+        if pp > self.num_blocks:
+            raise LayoutError("blocks", f"{n['pp']} {pp} exceeds the model's {self.num_blocks} blocks; "
+                                        f"use at most {self.num_blocks} stages.")
+        if world is not None:
+            check_world(world, tp, pp, cp, exact_world, n["world"])
+
+
+def check_world(world: int, tp: int, pp: int, cp: int = 1, exact: bool = False, name: str = "world size") -> None:
+    """Processes for a layout: a multiple of tp x pp x cp (data parallel fills the rest), or `exact`ly it."""
+    mp = tp * pp * cp
+    if world != mp if exact else world % mp:
+        rel = "equal to" if exact else "a multiple of"
+        raise LayoutError("world", f"{name} {world} is not {rel} tp x pp x cp = {mp}.")
+
+
+@dataclass(kw_only=True)
+class FluxArch(ArchBase):
     """FLUX.1 (`FluxTransformer2DModel`): double-stream MMDiT blocks, then single-stream blocks."""
 
     family: ClassVar[str] = "flux"
@@ -46,8 +116,12 @@ class FluxArch:
     """RoPE channels for the (text, row, column) id axes; they sum to head_dim."""
 
     @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
+    def num_blocks(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4  # a token packs a 2 x 2 patch of latent channels
 
     @property
     def out_dim(self) -> int:
@@ -64,11 +138,12 @@ class FluxArch:
 
 
 @dataclass(kw_only=True)
-class SD3Arch:
+class SD3Arch(ArchBase):
     """SD3 / SD3.5 MMDiT (`SD3Transformer2DModel`)."""
 
     family: ClassVar[str] = "sd3"
     diffusers_class: ClassVar[str] = "SD3Transformer2DModel"
+    guidance_embeds: ClassVar[bool] = False  # no guidance input: SD3.x takes real CFG
 
     sample_size: int = 128
     """Latent size the model was trained at (diffusers keeps it; the forward accepts other sizes)."""
@@ -98,8 +173,8 @@ class SD3Arch:
     """'rms_norm' for SD3.5 (QK RMS-norm); None for SD3."""
 
     @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
+    def latent_channels(self) -> int:
+        return self.in_channels
 
     @property
     def out_dim(self) -> int:

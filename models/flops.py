@@ -59,7 +59,7 @@ def block_costs(arch: Arch, batch: int, s_img: int, s_txt: int) -> list[int]:
 def embed_flops(arch: Arch, batch: int, s_img: int, s_txt: int) -> tuple[int, int]:
     """(first-stage embedders, last-stage output layer) forward FLOPs."""
     h = arch.hidden_size
-    cond = linear(batch, 256, h) * (3 if getattr(arch, "guidance_embeds", False) else 2) + linear(
+    cond = linear(batch, 256, h) * (3 if arch.guidance_embeds else 2) + linear(
         batch, arch.pooled_projection_dim, h
     ) + linear(batch, h, h) * 2
     if isinstance(arch, FluxArch):

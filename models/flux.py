@@ -19,17 +19,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from .base import DiTBase, StageLayout
 from .configs import FluxArch
 from .layers import (
-    AdaLNModulation,
     ConditionEmbedder,
     FluxRope,
-    layer_norm,
     fp8_context,
     maybe_checkpoint,
-    modulate,
     replicated_linear,
-    sp_gather,
     sp_scatter,
-    zeros_init,
 )
 
 
@@ -71,10 +66,7 @@ class FluxModel(DiTBase):
         self._double_offset = layout.first
         self._single_offset = max(layout.first - N, 0)
         if layout.post_process:
-            # diffusers AdaLayerNormContinuous: chunks are (scale, shift)
-            self.norm_out = AdaLNModulation(config, H, 2, double_block.submodules.adaln, sharded_tokens=False)
-            self.proj_out = replicated_linear(H, arch.out_dim, config)
-            torch.nn.init.zeros_(self.proj_out.weight), zeros_init(self.proj_out.bias)
+            self.init_output_head(arch.out_dim, double_block.submodules.adaln)
 
     def block_offsets(self):
         return {"double_blocks": self._double_offset, "single_blocks": self._single_offset}
@@ -127,10 +119,7 @@ class FluxModel(DiTBase):
 
         if not self.post_process:
             return torch.cat([txt, img])
-        img = sp_gather(img, cfg)
-        scale, shift = self.norm_out(c_BH)
-        out = self.proj_out(modulate(layer_norm(img), shift, scale))
-        return out.transpose(0, 1)
+        return self.output_head(img, c_BH).transpose(0, 1)
 
 
 def pack_latents(latent_BCHW: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def _mlp(ours: str, theirs: str) -> list[Group]:
 def _condition(arch: Arch) -> list[Group]:
     g = _linear("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_1")
     g += _linear("time_text_embed.timestep_embedder.linear_2", "time_text_embed.timestep_embedder.linear_2")
-    if getattr(arch, "guidance_embeds", False):
+    if arch.guidance_embeds:
         g += _linear("time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_1")
         g += _linear("time_text_embed.guidance_embedder.linear_2", "time_text_embed.guidance_embedder.linear_2")
     g += _linear("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_1")

@@ -19,14 +19,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from .base import DiTBase, StageLayout
 from .configs import SD3Arch
 from .layers import (
-    AdaLNModulation,
     ConditionEmbedder,
-    layer_norm,
     fp8_context,
     maybe_checkpoint,
-    modulate,
     replicated_linear,
-    sp_gather,
     sp_scatter,
 )
 
@@ -95,10 +91,7 @@ class SD3Model(DiTBase):
         )
         self._offset = layout.first
         if layout.post_process:
-            adaln_linear = block_spec(arch.num_layers - 1).submodules.adaln
-            self.norm_out = AdaLNModulation(config, H, 2, adaln_linear, sharded_tokens=False)
-            self.proj_out = replicated_linear(H, arch.out_dim, config)
-            torch.nn.init.zeros_(self.proj_out.weight), torch.nn.init.zeros_(self.proj_out.bias)
+            self.init_output_head(arch.out_dim, block_spec(arch.num_layers - 1).submodules.adaln)
 
     def block_offsets(self):
         return {"joint_blocks": self._offset}
@@ -141,9 +134,7 @@ class SD3Model(DiTBase):
 
         if not self.post_process:
             return torch.cat([txt, img])
-        img = sp_gather(img, cfg)
-        scale, shift = self.norm_out(c_BH)
-        out = self.proj_out(modulate(layer_norm(img), shift, scale))  # [h*w, B, p*p*C]
+        out = self.output_head(img, c_BH)  # [h*w, B, p*p*C]
         b = out.shape[1]
         out = out.transpose(0, 1).reshape(b, h, w, p, p, self.arch.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.arch.out_channels, h * p, w * p)

@@ -178,17 +178,20 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int, tp: int, pp: int) 
         raise ConfigError(f"--nodes {nodes} must be at least 1.")
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node {gpus_per_node} must be at least 1.")
+    from models.configs import LayoutError, check_world
+
     world = nodes * gpus_per_node
     cp = cfg.parallel.cp
     mp = tp * pp * cp
-    if world % mp:
+    try:
+        check_world(world, tp, pp, cp)
+    except LayoutError:
         what = f"tp x pp = {tp} x {pp} = {mp}" if cp == 1 else f"tp x pp x cp = {tp} x {pp} x {cp} = {mp}"
         raise ConfigError(
             f"{nodes} node(s) x {gpus_per_node} GPUs = {world} processes is not a multiple of {what}; "
             f"change --nodes/--gpus-per-node or --tp/--pp so that nodes x GPUs = tp x pp x data-parallel size."
-        )
-    # Config.validate(world_size=...) checks what depends on the model: TP must
-    # divide the heads, PP cannot exceed the blocks, pp_split must match.
+        ) from None
+    # the rest of the layout rule (TP divides the heads, PP at most the blocks, pp_split) is the model's
     cfg.validate(world_size=world)
     return world // mp
 

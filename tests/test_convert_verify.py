@@ -84,7 +84,7 @@ def test_layouts_that_do_not_fit_are_refused_before_launch(tmp_path, monkeypatch
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     write_meta(ckpt, arch, torch.float32)  # resolve() reads only the sidecar
-    with pytest.raises(VerifyError, match=r"--tp 3 does not divide the model's 4 attention heads; use one of 1, 2, 4"):
+    with pytest.raises(VerifyError, match=r"--tp 3 does not divide FLUX's 4 attention heads; use one of 1, 2, 4"):
         resolve(_args(src, ckpt, tp=3))
     with pytest.raises(VerifyError, match=r"--pp 9 exceeds the model's 5 blocks"):
         resolve(_args(src, ckpt, pp=9))

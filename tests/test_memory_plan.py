@@ -28,6 +28,7 @@ def test_param_count_equals_diffusers(preset):
 
 def _measure(env, overrides):
     """Bytes a real Trainer holds per rank for each DiT role, after optimizer states exist."""
+    from megatron_senseflow.mcore_compat import prime_optimizer_state
     from megatron_senseflow.trainer import Trainer
 
     cfg = load_config("tiny", overrides)
@@ -37,7 +38,7 @@ def _measure(env, overrides):
         weights = sum(p.numel() * p.element_size() for p in role.module.parameters())
         grads = optim = 0
         if role.ddp is not None:
-            role.prime_optimizer_state()
+            prime_optimizer_state(role.optimizer)
             grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in role.ddp.buffers)
             for opt in getattr(role.optimizer, "chained_optimizers", [role.optimizer]):
                 for st in opt.optimizer.state.values():

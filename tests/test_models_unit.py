@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from models import split_blocks, stage_layout, transformer_config
 from models import flops

@@ -74,20 +74,15 @@ def sample(batch: dict, i: int, device, dtype) -> dict:
 
 
 def check_layout(arch, tp: int, pp: int, world: int) -> None:
-    from models.configs import divisors
+    from models.configs import LayoutError
 
-    heads = arch.num_attention_heads
-    if tp < 1 or pp < 1:
-        raise VerifyError(f"--tp {tp} / --pp {pp} must be at least 1.")
-    if heads % tp:
-        raise VerifyError(f"--tp {tp} does not divide the model's {heads} attention heads; "
-                          f"use one of {', '.join(map(str, divisors(heads)))}.")
-    blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
-    if pp > blocks:
-        raise VerifyError(f"--pp {pp} exceeds the model's {blocks} blocks; use at most {blocks} stages.")
-    if world != tp * pp:
+    try:
+        arch.check_layout(tp, pp, world=world, exact_world=True, names={"tp": "--tp", "pp": "--pp"})
+    except LayoutError as e:
+        if e.kind != "world":
+            raise VerifyError(str(e)) from None
         raise VerifyError(f"--tp {tp} x --pp {pp} needs {tp * pp} processes, but {world} were launched; "
-                          f"run `torchrun --nproc-per-node {tp * pp} tools/verify_conversion.py ...`.")
+                          f"run `torchrun --nproc-per-node {tp * pp} tools/verify_conversion.py ...`.") from None
 
 
 def resolve(args):

@@ -1,0 +1,99 @@
+"""Workarounds for megatron-core behaviour our checkpoints depend on, in one place.
+
+Each function names the megatron-core version and code path that needs it
+(seen on 0.16.1, the version pip picks for Python 3.11; setup.py pins
+`megatron-core>=0.16,<0.17`). When the pin moves, this file is the checklist:
+rerun tests/test_resume.py and drop what the new version no longer needs.
+"""
+from __future__ import annotations
+
+import torch
+
+# Distributed-optimizer state in a layout-independent format: a run saved at one TP/PP/DP
+# layout resumes at any other (megatron-core 0.16 `DistributedOptimizer.sharded_state_dict`).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _inner_optimizers(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give every parameter an (empty) AdamW state: step 0, zero moments.
+
+    megatron-core 0.16's DistributedOptimizer builds its sharded state dict from the
+    live torch AdamW state, which torch only creates at the first step: loading into
+    a fresh optimizer, or saving one that has not stepped yet (a checkpoint before the
+    generator's first update at TTUR > 1), fails (`assert len(steps) == 1` in
+    distrib_optimizer.py). A primed state is exactly what AdamW's first step would
+    create, so priming changes no update.
+    """
+    for opt in _inner_optimizers(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """After a checkpoint load: give each parameter its own AdamW "step" tensor.
+
+    megatron-core 0.16's DistributedOptimizer.load_state_dict (torch-AdamW path)
+    puts one shared step tensor into every parameter's state; torch's AdamW then
+    increments it in place once per parameter per step, so bias correction would
+    use a step count ~number-of-parameters too large.
+    """
+    for opt in _inner_optimizers(optimizer):
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                st["step"] = st["step"].clone()
+
+
+def keep_adam_step_on_load(optimizer) -> None:
+    """megatron-core 0.16 on the torch-AdamW path (no TransformerEngine / apex).
+
+    There the distributed optimizer keeps AdamW's "step" in each parameter's
+    state, saves it apart from the per-parameter tensors, and on load
+    (`load_parameter_state_from_fully_reshardable` -> `_set_main_param_and_optimizer_states`,
+    optimizer/distrib_optimizer.py) copies every state key from the loaded
+    tensors, which lack "step": KeyError. "step" was already restored from the
+    common state by then, so it is passed through unchanged.
+    """
+    for opt in _inner_optimizers(optimizer):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def set_states(model_param, tensors, _opt=opt, _set=setter):
+            if "step" not in tensors:
+                g, o = _opt.model_param_group_index_map[model_param]
+                state = _opt.optimizer.state[_opt.optimizer.param_groups[g]["params"][o]]
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"]}
+            return _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
+def save_optimizer(role_module, optimizer, directory: str) -> None:
+    """The distributed optimizer's state in `directory` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    if not any(opt.optimizer.state for opt in _inner_optimizers(optimizer)):
+        prime_optimizer_state(optimizer)  # a save before this role's first update
+    sd = optimizer.sharded_state_dict(role_module.sharded_state_dict(), metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save(sd, directory)
+
+
+def load_optimizer(role_module, optimizer, directory: str) -> None:
+    """Load `save_optimizer`'s state at any layout: prime -> load -> unshare (the order 0.16 needs)."""
+    from megatron.core import dist_checkpointing
+
+    prime_optimizer_state(optimizer)
+    sd = optimizer.sharded_state_dict(role_module.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
+    optimizer.load_state_dict(dist_checkpointing.load(sd, directory))
+    unshare_adam_steps(optimizer)
