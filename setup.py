@@ -22,13 +22,19 @@ INSTALL_REQUIRES = [
     "torchmetrics>=1.4",
 ]
 
+SUBPACKAGES = ("models", "data", "tools", "slurm")
+
 setup(
     name="megatron-senseflow",
     version="0.1.0",
     description="SenseFlow distillation of FLUX / SD3.x into few-step generators on Megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_senseflow*", "models*", "data*", "tools*", "slurm*"]),
-    package_data={"megatron_senseflow": ["recipes/*.yaml"], "slurm": ["*.sbatch", "*.sh"]},
+    # models/, data/, tools/ and slurm/ sit at the top of the repository (the product's layout) but are
+    # installed as megatron_senseflow.models, .data, .tools and .slurm: a user's own `models/` or `data/`
+    # folder in the working directory can then never shadow them
+    packages=find_packages(include=["megatron_senseflow*"]) + [f"megatron_senseflow.{p}" for p in SUBPACKAGES],
+    package_dir={"megatron_senseflow": "megatron_senseflow", **{f"megatron_senseflow.{p}": p for p in SUBPACKAGES}},
+    package_data={"megatron_senseflow": ["recipes/*.yaml"], "megatron_senseflow.slurm": ["*.sbatch", "*.sh"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # TransformerEngine only builds against CUDA; never required on CPU.

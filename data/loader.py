@@ -72,6 +72,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_senseflow.config import ConfigError, DataConfig
+from megatron_senseflow.rng import mix
 
 from . import bad
 from .decode import SampleSpec, Skip, sample_spec
@@ -81,7 +82,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 CHUNK = 8  # items per message from a worker: one DataLoader round trip per item cost more than decoding
-_M64 = (1 << 64) - 1
 
 
 class DataStateError(ConfigError):
@@ -99,20 +99,6 @@ def assigned_shards(seed: int, epoch: int, num_shards: int, dp_size: int, dp_ran
     return epoch_order(seed, epoch, num_shards)[dp_rank::dp_size][worker::num_workers]
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def _hash(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (p & _M64))
-    return h
-
-
 def shuffled(items: Iterator, capacity: int, key: int, start: int) -> Iterator:
     """Buffer shuffle whose state after k picks depends only on which items were picked (see module doc).
 
@@ -126,10 +112,10 @@ def shuffled(items: Iterator, capacity: int, key: int, start: int) -> Iterator:
             continue
         buf.append(item)
         if len(buf) >= capacity:
-            yield buf.pop(_hash(key, k) % len(buf))
+            yield buf.pop(mix(key, k) % len(buf))
             k += 1
     while buf:
-        yield buf.pop(_hash(key, k) % len(buf))
+        yield buf.pop(mix(key, k) % len(buf))
         k += 1
 
 
@@ -247,7 +233,7 @@ class _Stream(IterableDataset):
         shards = assigned_shards(s.seed, epoch, len(s.urls), s.dp_size, s.dp_rank, s.num_workers, worker)
         start = sum(base.consumed(i, s.counts[i]) for i in shards)
         raw = (item for i in shards if i not in base.done for item in self._read(i, base.skip(i)))
-        key = _hash(s.seed, epoch, s.dp_rank, worker)
+        key = mix(s.seed, epoch, s.dp_rank, worker)
         items = (self._decode(item, epoch, worker) for item in shuffled(raw, max(1, s.shuffle_buffer), key, start))
         yield from _chunks(items, start)
 

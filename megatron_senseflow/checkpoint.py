@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+DONE_MARKER = "DONE"  # in OUT/, written when a run reached train.max_steps; the Slurm job script
+# requeues a run that exits 0 without it (slurm/README.md)
 
 
 def _rank() -> int:
@@ -114,3 +116,23 @@ class CheckpointManager:
         for old in complete[: max(len(complete) - self.keep_last, 0)]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_role_dir(ckpt: str | Path, role: str = "generator") -> Path:
+    """A role checkpoint, a step directory holding one per role, or a train output dir (its latest complete step)."""
+    from megatron_senseflow.models.checkpoint_io import META_NAME, CheckpointError
+
+    p = Path(ckpt)
+    if not p.is_dir():
+        raise CheckpointError(f"--ckpt {p} is not a directory; pass a role checkpoint or a training step directory.")
+    latest = CheckpointManager(p / "checkpoints").latest()
+    for cand in (p, p / role, *([latest / role] if latest else [])):
+        if (cand / META_NAME).is_file():
+            return cand
+    roles = sorted(d.name for d in p.iterdir() if (d / META_NAME).is_file())
+    if roles:
+        raise CheckpointError(f"{p} holds roles {', '.join(roles)} but no {role!r}; pass --role {roles[0]}.")
+    raise CheckpointError(
+        f"{p} is not a senseflow checkpoint (no {META_NAME} in it, in {role}/ or in the latest step under checkpoints/); "
+        "pass a directory written by `senseflow convert import` or by training."
+    )

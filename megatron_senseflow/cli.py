@@ -13,24 +13,14 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("megatron_senseflow.train_cli", "distil a teacher into a few-step student (SenseFlow / DMD2 / SiD)"),
     "sample": ("megatron_senseflow.sample_cli", "1/2/4-step sampling from a checkpoint or an exported diffusers model"),
-    "convert": ("tools.convert_checkpoint", "convert weights between diffusers and Megatron layouts (import / export)"),
-    "export": ("tools.convert_checkpoint", "export a trained role to a diffusers transformer / pipeline directory"),
-    "prepare-data": ("data.prepare", "write webdataset shards from LAION-style sources; --encode adds latents"),
+    "convert": ("megatron_senseflow.tools.convert_checkpoint", "convert weights between diffusers and Megatron layouts (import / export)"),
+    "export": ("megatron_senseflow.tools.convert_checkpoint", "export a trained role to a diffusers transformer / pipeline directory"),
+    "prepare-data": ("megatron_senseflow.data.prepare", "write webdataset shards from LAION-style sources; --encode adds latents"),
     "eval": ("megatron_senseflow.eval_cli", "FID / FID-T / patch FID / CLIP score of generated images"),
     "demo": ("megatron_senseflow.demo", "train a small digits teacher, distil it, evaluate (no downloads)"),
-    "slurm": ("slurm.launch", "write (and optionally submit) an sbatch script for a recipe"),
+    "slurm": ("megatron_senseflow.slurm.launch", "write (and optionally submit) an sbatch script for a recipe"),
     "memory-plan": ("megatron_senseflow.memory_plan", "per-GPU memory of every role for a recipe and cluster shape"),
 }
-
-
-def _load(verb: str):
-    module_name = VERBS[verb][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,17 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_usage(sys.stderr)
             print(f"senseflow: unknown verb {argv[0]!r}; choose one of {', '.join(VERBS)}.", file=sys.stderr)
-            return 2
+            return 2  # errors.USER_ERROR, without importing anything for a typo
         parser.print_help()
         return 0
     verb, rest = argv[0], argv[1:]
     from .train_cli import quiet_known_warnings
 
     quiet_known_warnings()
-    module = _load(verb)
-    if module is None:
-        print(f"senseflow {verb}: not available in this build yet.", file=sys.stderr)
-        return 2
+    module = importlib.import_module(VERBS[verb][0])
     sub = argparse.ArgumentParser(prog=f"senseflow {verb}", description=VERBS[verb][1])
     if hasattr(module, "add_arguments_for"):
         module.add_arguments_for(verb, sub)
@@ -69,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
     args = sub.parse_args(rest)
     run = getattr(module, "run_for", None)
-    from .config import ConfigError
+    from .errors import USER_ERROR, UserError
 
     try:
         return int((run(verb, args) if run else module.run(args)) or 0)
-    except ConfigError as e:
+    except UserError as e:
         print(f"senseflow {verb}: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -9,22 +9,46 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from models.configs import Arch, ArchError, make_arch
+from megatron_senseflow.errors import UserError
+from megatron_senseflow.models.configs import Arch, ArchError, make_arch
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-METHODS = ("senseflow", "dmd2", "sid")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run, said in one sentence that names the value and the fix."""
+
+
+class Range:
+    """Bounds of a numeric field, checked by the loader (`Annotated[float, Range(gt=0)]`)."""
+
+    def __init__(self, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+                 le: float | None = None):
+        self.gt, self.ge, self.lt, self.le = gt, ge, lt, le
+
+    def violation(self, v: float) -> str | None:
+        for bound, ok, word in ((self.gt, lambda b: v > b, "greater than"), (self.ge, lambda b: v >= b, "at least"),
+                                (self.lt, lambda b: v < b, "less than"), (self.le, lambda b: v <= b, "at most")):
+            if bound is not None and not ok(bound):
+                return f"must be {word} {bound:g}"
+        return None
+
+
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+Beta = Annotated[float, Range(ge=0, lt=1)]
+Count = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
 
 
 # --------------------------------------------------------------------------- components
@@ -38,15 +62,15 @@ class ModelConfig:
     """Overrides of the preset's architecture fields, named as in diffusers' config.json."""
     student_guidance_embeds: bool = False
     """FLUX only: keep the guidance embedding in generator and fake score (SenseFlow drops it)."""
-    spec: str = "local"
+    spec: Literal["local", "te"] = "local"
     """Layer backend: 'local' (plain torch + megatron-core TP layers, runs on CPU) or 'te' (TransformerEngine)."""
-    recompute: str = "none"
+    recompute: Literal["none", "full", "selective"] = "none"
     """Activation recompute for trainable roles: 'none', 'full' (every block) or 'selective' (attention core only)."""
     recompute_num_layers: int | None = None
     """With recompute='full': recompute only the first N blocks of each stage (None = all)."""
-    params_dtype: str = "bfloat16"
+    params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the DiT weights of every role: 'bfloat16' or 'float32' (CPU runs and parity tests use float32)."""
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     """FP8 scaling of roles with precision 'fp8' (TE): 'delayed', 'tensorwise' (current scaling),
     'blockwise', or 'mxfp8' (Blackwell GPUs only)."""
 
@@ -62,11 +86,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    tp: int = 1
+    tp: Count = 1
     """Tensor-parallel size; must divide the number of attention heads."""
-    pp: int = 1
+    pp: Count = 1
     """Pipeline-parallel size; stages are split by layer cost."""
-    cp: int = 1
+    cp: Count = 1
     """Context-parallel size (reserved; the DiTs accept 1 only for now)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence between TP regions (needs tp > 1)."""
@@ -76,7 +100,7 @@ class ParallelConfig:
     """Shard optimizer states and fp32 main weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduce with the backward pass."""
-    num_microbatches: int = 1
+    num_microbatches: Count = 1
     """Microbatches per step and DP rank; the pipeline schedule interleaves them."""
 
 
@@ -86,37 +110,37 @@ class DataConfig:
     """Directory of webdataset shards (with manifest.json), a glob, or a brace pattern; None = synthetic data."""
     encoded: bool = True
     """Shards hold precomputed latents and text embeddings (`senseflow prepare-data --encode`)."""
-    resolution: int = 1024
+    resolution: Count = 1024
     """Training resolution in pixels."""
-    micro_batch_size: int = 1
+    micro_batch_size: Count = 1
     """Samples per microbatch per data-parallel rank."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: NonNegativeInt = 1000
     """Samples each loader worker holds for shuffling (raw bytes, before decoding); 0 disables shuffling."""
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     """Loader worker processes per rank."""
-    seed: int = 1234
+    seed: NonNegativeInt = 1234
     """Seed (>= 0) of the shard order and the shuffle; every epoch reshuffles with (seed, epoch)."""
     real_images: bool = True
     """Also yield the decoded real image for the discriminator."""
-    text_max_length: int = 512
+    text_max_length: Count = 512
     """Text tokens per prompt (T5 for FLUX, CLIP+T5 joint for SD3.x)."""
 
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    lr: float = 1e-5
+    lr: Positive = 1e-5
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     """AdamW betas."""
-    eps: float = 1e-8
+    eps: Positive = 1e-8
     """AdamW epsilon."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """Decoupled weight decay."""
-    clip_grad: float = 1.0
+    clip_grad: NonNegative = 1.0
     """Global gradient-norm clip (0 disables)."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up steps of this role's optimizer, counted in its own updates."""
-    cpu_offload: str = "none"
+    cpu_offload: Literal["none", "megatron", "deepspeed"] = "none"
     """Optimizer CPU offload: 'none', 'megatron' (megatron-core's hybrid offload) or 'deepspeed' (DeepSpeedCPUAdam)."""
 
 
@@ -124,9 +148,9 @@ class OptimizerConfig:
 class GeneratorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the generator."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """Compute precision: 'bf16' or 'fp32' (the generator never runs FP8)."""
-    ema_decay: float = 0.0
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Keep an EMA of the generator weights with this decay (0 disables)."""
 
 
@@ -134,7 +158,7 @@ class GeneratorConfig:
 class FakeScoreConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the fake score."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
 
 
@@ -142,7 +166,7 @@ class FakeScoreConfig:
 class TeacherConfig:
     checkpoint: str | None = None
     """Megatron checkpoint of the teacher (`senseflow convert import`); None = random init (tests only)."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
     fp8_weights: bool = False
     """Keep the frozen teacher's GEMM weights in FP8 to save memory (needs precision 'fp8')."""
@@ -167,7 +191,7 @@ class DiscriminatorConfig:
     """Resolution the decoded image is resized to before DINOv2."""
     diffaug: str = "color,translation,cutout"
     """DiffAugment policies applied to real and fake images."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """Compute precision: 'bf16' or 'fp32'."""
 
 
@@ -185,17 +209,17 @@ class RolesConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    num_steps: int = 4
+    num_steps: Count = 4
     """Student sampling steps (anchors)."""
     shift: float | None = None
     """Timestep shift m; None = the family default (SD3.x 3.0, FLUX resolution-dependent)."""
-    ttur: int = 5
+    ttur: Count = 5
     """Generator updates once every `ttur` iterations; fake score and discriminator every iteration."""
-    backward_sim_prob: float = 0.5
+    backward_sim_prob: Fraction = 0.5
     """Probability of building the student input by running G from noise instead of noising a real latent."""
-    dmd_weight: float = 1.0
+    dmd_weight: NonNegative = 1.0
     """Weight of the DMD loss."""
-    dmd_t_sampling: str = "logit_normal"
+    dmd_t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     """DMD timestep sampling: 'logit_normal' (FLUX) or 'uniform' (SD3.x, index in [t_min, t_max])."""
     dmd_t_min: float = 0.02
     """Lower end of uniform DMD timesteps."""
@@ -209,43 +233,43 @@ class DistillConfig:
     """Lower end of the teacher guidance scale drawn per step."""
     guidance_max: float = 8.0
     """Upper end of the teacher guidance scale drawn per step."""
-    guidance_mode: str = "embedding"
+    guidance_mode: Literal["embedding", "cfg"] = "embedding"
     """'embedding' (FLUX.1-dev guidance input) or 'cfg' (real classifier-free guidance, SD3.x)."""
-    ida_lambda: float = 0.97
+    ida_lambda: Fraction = 0.97
     """IDA blend: phi <- lam * phi + (1 - lam) * theta after each generator step."""
-    isg_weight: float = 1.0
+    isg_weight: NonNegative = 1.0
     """Weight of intra-segment guidance."""
-    pseudo_huber_c: float = 1e-3
+    pseudo_huber_c: Positive = 1e-3
     """Constant c of the ISG pseudo-Huber loss."""
-    gan_weight: float = 2.0
+    gan_weight: NonNegative = 2.0
     """Weight of the generator's GAN term."""
     gan_weight_power: float = 2.0
     """GAN term scaled by (1 - sigma_in) ** power: zero at pure noise."""
     sid_alpha: float = 1.0
     """SiD alpha."""
-    sid_weighting: str = "one_minus_t"
+    sid_weighting: Literal["one_minus_t", "one_minus_t_sq", "inv_t", "snr"] = "one_minus_t"
     """SiD weighting w(t): 'one_minus_t', 'one_minus_t_sq', 'inv_t' or 'snr'."""
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: NonNegativeInt = 1000
     """Training iterations (each runs a fake-score and discriminator update, a generator update every ttur)."""
     output_dir: str = "runs/senseflow"
     """Where checkpoints, TensorBoard logs and samples go; rerunning with the same directory resumes."""
     seed: int = 1234
     """Base seed; noise streams differ across data-parallel ranks and agree inside a model-parallel group."""
-    nan_max_consecutive: int = 5
+    nan_max_consecutive: Count = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped and logged)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if present), 'cuda' or 'cpu'."""
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    every: int = 500
+    every: NonNegativeInt = 500
     """Save every N iterations (0 = only at the end and on signals)."""
-    keep_last: int = 3
+    keep_last: Count = 3
     """Keep this many step directories; older ones are removed after a successful save."""
     resume: bool = True
     """Resume from the latest checkpoint in output_dir when one exists."""
@@ -257,9 +281,9 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tensorboard."""
-    log_every: int = 10
+    log_every: NonNegativeInt = 10
     """Scalars every N iterations."""
-    image_every: int = 500
+    image_every: NonNegativeInt = 500
     """4-step sample grids for the fixed prompts every N iterations (0 disables)."""
     peak_tflops: float | None = None
     """Per-GPU peak TFLOP/s for MFU; None = look up the GPU model (H100/H200/A100...), no MFU on CPU."""
@@ -267,7 +291,7 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    method: str = "senseflow"
+    method: Literal["senseflow", "dmd2", "sid"] = "senseflow"
     """Objective: 'senseflow' (DMD + ISG + IDA + GAN), 'dmd2' (IDA and ISG off) or 'sid'."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture shared by the roles."""
@@ -314,9 +338,10 @@ class Config:
         return missing
 
     def validate(self, world_size: int | None = None) -> None:
-        """Raise ConfigError with one sentence for the first thing that cannot run."""
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        """Raise ConfigError with one sentence for the first thing that cannot run.
+
+        Single-field rules (choices, ranges, finiteness) are types the loader checks;
+        what is left here spans fields."""
         try:
             arch = self.model.teacher_arch()
         except ArchError as e:
@@ -336,66 +361,36 @@ class Config:
                 raise ConfigError(
                     f"parallel.pp_split={p.pp_split} must list {p.pp} positive block counts summing to {arch.num_blocks}."
                 )
-        if self.model.spec not in ("local", "te"):
-            raise ConfigError(f"model.spec={self.model.spec!r} is unknown; use 'local' or 'te'.")
-        if self.model.recompute not in ("none", "full", "selective"):
-            raise ConfigError(f"model.recompute={self.model.recompute!r} is unknown; use none, full or selective.")
-        if self.model.params_dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"model.params_dtype={self.model.params_dtype!r} must be bfloat16 or float32.")
         for role, prec in (
             ("generator", self.roles.generator.precision),
             ("fake_score", self.roles.fake_score.precision),
             ("teacher", self.roles.teacher.precision),
-            ("discriminator", self.roles.discriminator.precision),
         ):
-            allowed = ("bf16", "fp32") if role in ("generator", "discriminator") else ("bf16", "fp8", "fp32")
-            if prec not in allowed:
-                raise ConfigError(f"roles.{role}.precision={prec!r} is not allowed; use one of {', '.join(allowed)}.")
             if prec == "fp8" and self.model.spec != "te":
                 raise ConfigError(f"roles.{role}.precision=fp8 needs model.spec=te (TransformerEngine).")
             # the DiT roles share one weight dtype (IDA blends generator into fake score elementwise);
             # their precision says how they compute on it
             want = "float32" if prec == "fp32" else "bfloat16"
-            if role != "discriminator" and self.model.params_dtype != want:
+            if self.model.params_dtype != want:
                 raise ConfigError(
                     f"roles.{role}.precision={prec} computes on {want} weights but model.params_dtype is "
                     f"{self.model.params_dtype}; set model.params_dtype={want} or change the role's precision."
                 )
         for role in ("generator", "fake_score"):
             off = getattr(self.roles, role).optimizer.cpu_offload
-            if off not in ("none", "megatron", "deepspeed"):
-                raise ConfigError(f"roles.{role}.optimizer.cpu_offload={off!r} is unknown; use none, megatron or deepspeed.")
             if off != "none" and not self.parallel.distributed_optimizer:
                 raise ConfigError(f"roles.{role}.optimizer.cpu_offload={off} needs parallel.distributed_optimizer=true "
                                   "(megatron-core offloads the distributed optimizer's shard).")
-        if self.model.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
-            raise ConfigError(
-                f"model.fp8_recipe={self.model.fp8_recipe!r} is unknown; use delayed, tensorwise, blockwise or mxfp8."
-            )
         if self.roles.teacher.fp8_weights and self.roles.teacher.precision != "fp8":
             raise ConfigError("roles.teacher.fp8_weights=true needs roles.teacher.precision=fp8.")
         d = self.distill
-        if d.num_steps < 1:
-            raise ConfigError(f"distill.num_steps={d.num_steps} must be at least 1.")
-        if d.ttur < 1:
-            raise ConfigError(f"distill.ttur={d.ttur} must be at least 1.")
-        if not 0.0 <= d.ida_lambda <= 1.0:
-            raise ConfigError(f"distill.ida_lambda={d.ida_lambda} must lie in [0, 1].")
-        if d.guidance_mode not in ("embedding", "cfg"):
-            raise ConfigError(f"distill.guidance_mode={d.guidance_mode!r} must be 'embedding' or 'cfg'.")
+        if d.guidance_min > d.guidance_max:
+            raise ConfigError(f"distill.guidance_min={d.guidance_min} exceeds distill.guidance_max={d.guidance_max}.")
         if d.guidance_mode == "embedding" and not arch.guidance_embeds:
             raise ConfigError(
                 f"distill.guidance_mode='embedding' needs a teacher with a guidance embedding ({self.model.preset} "
                 f"has none); use guidance_mode='cfg'."
             )
-        if d.dmd_t_sampling not in ("logit_normal", "uniform"):
-            raise ConfigError(f"distill.dmd_t_sampling={d.dmd_t_sampling!r} must be logit_normal or uniform.")
-        if d.sid_weighting not in ("one_minus_t", "one_minus_t_sq", "inv_t", "snr"):
-            raise ConfigError(f"distill.sid_weighting={d.sid_weighting!r} is unknown.")
-        if self.data.micro_batch_size < 1:
-            raise ConfigError(f"data.micro_batch_size={self.data.micro_batch_size} must be at least 1.")
-        if self.train.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device={self.train.device!r} must be auto, cpu or cuda.")
 
 
 # --------------------------------------------------------------------------- loading
@@ -410,6 +405,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        value = _coerce(value, base, where)
+        for m in meta:
+            problem = m.violation(value) if isinstance(m, Range) else None
+            if problem:
+                raise ConfigError(f"{where}={value!r} {problem}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -423,6 +426,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}{hint}.")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, not {value!r}.")
@@ -445,11 +455,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, not {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} must be a finite number.")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -471,7 +483,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 def _hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
     return _HINTS[cls]
 
 

@@ -83,7 +83,7 @@ class ShardData(_Checkpointed):
     """Encoded shards through data.loader.ShardLoader, moved to the device, with empty-prompt embeddings."""
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, device):
-        from data.loader import ShardLoader
+        from megatron_senseflow.data.loader import ShardLoader
 
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.loader = ShardLoader(cfg.data, dp_rank=dp_rank, dp_size=dp_size)

@@ -123,8 +123,8 @@ def write_data(out: Path, text: DigitsText) -> Path:
     """Digits -> image folder -> shards (prepare-data) -> encoded shards (prepare-data --encode)."""
     from PIL import Image
 
-    from data.encode import EncodeSettings, encode_shards
-    from data.write import WriteSettings, write_shards
+    from megatron_senseflow.data.encode import EncodeSettings, encode_shards
+    from megatron_senseflow.data.write import WriteSettings, write_shards
 
     encoded = out / "encoded"
     if (encoded / "manifest.json").is_file():
@@ -156,9 +156,9 @@ def train_teacher(directory: Path, text: DigitsText, log, steps: int | None = No
     from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import destroy_distributed, init_distributed
     from megatron_senseflow.roles import Denoiser
-    from models import build_model, transformer_config
-    from models.checkpoint_io import save_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import save_model
+    from megatron_senseflow.models.configs import make_arch
 
     tt = {**TEACHER_TRAIN, "steps": steps or TEACHER_TRAIN["steps"]}
     init_distributed(ParallelConfig(), seed=tt["seed"], device="cpu")
@@ -287,8 +287,8 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
     from megatron_senseflow.distributed import destroy_distributed, init_distributed
     from megatron_senseflow.roles import Denoiser
     from megatron_senseflow.sampling import guided, sample_euler, sample_student
-    from models import build_model, transformer_config
-    from models.checkpoint_io import checkpoint_arch, load_model
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch, load_model
 
     init_distributed(ParallelConfig(), device="cpu")
     images, labels = digit_images()
@@ -304,7 +304,7 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
         return m.eval(), Denoiser(arch)
 
     teacher, t_den = load(teacher_dir)
-    from tools.convert_checkpoint import resolve_role_dir
+    from megatron_senseflow.checkpoint import resolve_role_dir
 
     student, s_den = load(resolve_role_dir(run_dir, "generator"))
     y = torch.arange(10).repeat_interleave(per_digit)

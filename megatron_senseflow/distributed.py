@@ -88,7 +88,8 @@ def slurm_port(job_id: str | int) -> int:
     return 15000 + int(job_id) % 20000
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -117,7 +118,7 @@ def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": env.get("MASTER_PORT", str(_free_port())),
+        "MASTER_PORT": env.get("MASTER_PORT", str(free_port())),
     }
 
 
@@ -144,14 +145,14 @@ def init_distributed(
     rank, world, local_rank = int(lenv["RANK"]), int(lenv["WORLD_SIZE"]), int(lenv["LOCAL_RANK"])
     dev = resolve_device(device, local_rank)
     if dev.type == "cpu":
-        from .testing import cpu_megatron  # CPU runs only; see that module's docstring
+        from . import cpu_megatron  # CPU runs only: lets megatron-core run without CUDA (see its docstring)
 
         cpu_megatron.install()
     else:
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
 
-    from models.configs import LayoutError, check_world
+    from megatron_senseflow.models.configs import LayoutError, check_world
 
     try:
         check_world(world, parallel.tp, parallel.pp, parallel.cp)

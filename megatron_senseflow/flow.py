@@ -1,4 +1,4 @@
-"""Flow-matching maths shared by training and sampling (DESIGN.md section 2).
+"""Flow-matching maths shared by training and sampling (docs/design.md, "Conventions").
 
 sigma in [0, 1], sigma = 1 is pure noise: x_sigma = (1 - sigma) x0 + sigma eps.
 Networks predict velocity v = eps - x0, so x0_hat = x_sigma - sigma v and an

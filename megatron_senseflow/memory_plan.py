@@ -82,8 +82,8 @@ class StageShare:
 
 
 def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
-    from models import stage_layout
-    from models.flops import block_params, embedder_params
+    from megatron_senseflow.models import stage_layout
+    from megatron_senseflow.models.flops import block_params, embedder_params
 
     counts = block_params(arch)
     stages = []
@@ -113,8 +113,8 @@ def stage_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, ele
 
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
-    from models.configs import FluxArch
-    from models.flops import image_tokens, param_count
+    from megatron_senseflow.models.configs import FluxArch
+    from megatron_senseflow.models.flops import image_tokens, param_count
 
     p = cfg.parallel
     world = nodes * gpus_per_node

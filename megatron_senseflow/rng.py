@@ -19,7 +19,8 @@ import torch
 _MASK = (1 << 63) - 1
 
 
-def _mix(*parts: int) -> int:
+def mix(*parts: int) -> int:
+    """A 63-bit hash of integers: seeds of the noise streams here, the shuffle picks of the data loader."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = (h ^ (p & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
@@ -30,7 +31,7 @@ def _mix(*parts: int) -> int:
 class BatchRandom:
     def __init__(self, seed: int, stream: int, step: int, sample_ids: list[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.gens = [torch.Generator().manual_seed(_mix(seed, stream, step, s)) for s in sample_ids]
+        self.gens = [torch.Generator().manual_seed(mix(seed, stream, step, s)) for s in sample_ids]
 
     @classmethod
     def _from(cls, gens, device) -> "BatchRandom":

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from models.configs import Arch, FluxArch
-from models.flux import image_ids, pack_latents, text_ids, unpack_latents
+from megatron_senseflow.models.configs import Arch, FluxArch
+from megatron_senseflow.models.flux import image_ids, pack_latents, text_ids, unpack_latents
 
 LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -181,7 +181,7 @@ class Role:
     def save_state(self, step_dir: Path) -> None:
         """Collective: weights (`NAME/`, a role checkpoint the export tools read), optimizer (`NAME_optim/`)
         and LR schedule (`NAME_scheduler.json`)."""
-        from models.checkpoint_io import save_model
+        from megatron_senseflow.models.checkpoint_io import save_model
 
         from .mcore_compat import save_optimizer
 
@@ -195,7 +195,7 @@ class Role:
             (step_dir / f"{self.name}_scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
 
     def load_state(self, step_dir: Path) -> None:
-        from models.checkpoint_io import load_model
+        from megatron_senseflow.models.checkpoint_io import load_model
 
         from .mcore_compat import load_optimizer
 
@@ -239,7 +239,7 @@ def build_role(
     `init_fn(module)` loads weights before DDP and the optimizer copy them into
     their buffers and fp32 main weights.
     """
-    from models import build_model
+    from megatron_senseflow.models import build_model
 
     module = build_model(arch, tconfig, spec=spec, pp_split=pp_split, tokens=tokens)
     if init_fn is not None:
@@ -440,7 +440,7 @@ class EMA:
     def save_state(self, step_dir: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        from models.checkpoint_io import write_meta
+        from megatron_senseflow.models.checkpoint_io import write_meta
 
         directory = step_dir / self.name
         if dist.get_rank() == 0:

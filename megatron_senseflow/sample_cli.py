@@ -45,7 +45,7 @@ def load_text_encoder(spec: str, family: str, text_len: int | None):
         from .demo import digits_text
 
         return digits_text()
-    from data.encode import TextEncoder
+    from megatron_senseflow.data.encode import TextEncoder
 
     return TextEncoder.from_pretrained(spec, family, text_len)
 
@@ -62,20 +62,20 @@ def load_codec(vae: str | None, text_encoder: str, latent_channels: int):
 
 def load_model(args, tp: int, pp: int):
     """(module, arch) at this rank's layout from a Megatron checkpoint or an exported diffusers directory."""
-    from models import build_model, hf_mapping, transformer_config
-    from models.checkpoint_io import checkpoint_arch
-    from models.checkpoint_io import load_model as load_role
+    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch
+    from megatron_senseflow.models.checkpoint_io import load_model as load_role
 
     if args.ckpt:
-        from tools.convert_checkpoint import resolve_role_dir
+        from megatron_senseflow.checkpoint import resolve_role_dir
 
         role_dir = resolve_role_dir(args.ckpt, args.role)
         arch = checkpoint_arch(role_dir)
         module = build_model(arch, transformer_config(arch, tp=tp, pp=pp))
         load_role(module, arch, role_dir)
     else:
-        from tools.convert_checkpoint import arch_of_diffusers_dir
-        from tools.hf_io import SafetensorsDir, find_transformer_dir
+        from megatron_senseflow.models.configs import arch_of_diffusers_dir
+        from megatron_senseflow.tools.hf_io import SafetensorsDir, find_transformer_dir
 
         tdir = find_transformer_dir(args.diffusers)
         arch = arch_of_diffusers_dir(tdir)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from .distributed import destroy_distributed, init_distributed
     from .roles import Role
     from .sampling import guided, sample_euler, sample_student
-    from models.flops import image_tokens
+    from megatron_senseflow.models.flops import image_tokens
 
     prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     if not prompts:

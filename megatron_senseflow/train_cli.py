@@ -72,13 +72,13 @@ def main() -> int:
     quiet_known_warnings()  # `senseflow train` does this in cli.main; this is the torchrun entry
     p = argparse.ArgumentParser(prog="senseflow train", description=__doc__)
     add_arguments(p)
-    from .config import ConfigError
+    from .errors import USER_ERROR, UserError
 
     try:
         return run(p.parse_args())
-    except ConfigError as e:
+    except UserError as e:
         print(f"senseflow train: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from models import transformer_config
-from models.checkpoint_io import load_model
-from models.flops import forward_flops, image_tokens
+from megatron_senseflow.models import transformer_config
+from megatron_senseflow.models.checkpoint_io import load_model
+from megatron_senseflow.models.flops import forward_flops, image_tokens
 
 from . import flow, signals
-from .checkpoint import CheckpointManager
+from .checkpoint import DONE_MARKER, CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
@@ -32,8 +32,6 @@ from .methods import OBJECTIVES
 from .monitor import Monitor, device_peak_tflops, image_grid
 from .roles import EMA, Roles, build_role
 from .sampling import sample_student
-
-DONE_MARKER = "DONE"  # the Slurm job script requeues a run that exits 0 without it (slurm/README.md)
 
 
 class TrainingAborted(RuntimeError):

@@ -38,7 +38,7 @@ def packed_part_names(param: torch.Tensor) -> tuple[str, ...]:
 
 
 class DiTBase(MegatronModule):
-    """Common machinery; subclasses define `block_lists` ((name, global offset) per ModuleList)."""
+    """Common machinery; subclasses define `block_offsets()` (global index of the first local block per ModuleList)."""
 
     def __init__(self, config: TransformerConfig, layout: StageLayout):
         super().__init__(config)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_senseflow.errors import UserError
+
 from .base import DiTBase, StageLayout, packed_part_names
 from .configs import Arch, arch_from_dict, arch_to_dict
 
@@ -27,7 +29,7 @@ META_NAME = "senseflow_model.json"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded into the requested model, in one sentence."""
 
 

@@ -7,11 +7,15 @@ both directions without a rename table.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
+from megatron_senseflow.errors import UserError
 
-class ArchError(ValueError):
+
+class ArchError(UserError):
     """An architecture config that cannot be built (one sentence, names the value)."""
 
 
@@ -285,6 +289,30 @@ def arch_from_diffusers_config(cfg: dict[str, Any]) -> Arch:
     raise ArchError(
         f"config.json describes a {cls_name!r}; only FluxTransformer2DModel and SD3Transformer2DModel are supported."
     )
+
+
+def arch_of_diffusers_dir(directory: str | Path, family: str | None = None) -> Arch:
+    """Our architecture for a diffusers transformer directory (its config.json), refusing a family other
+    than `family` ('flux' / 'sd3') when one is given."""
+    path = Path(directory) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArchError(f"{path} cannot be read as JSON ({e}); re-download the model or fix the file.") from None
+    if not isinstance(cfg, dict) or "_class_name" not in cfg:
+        raise ArchError(f"{path} has no _class_name, so it is not a diffusers model config.")
+    cls = cfg["_class_name"]
+    families = {FluxArch.diffusers_class: "flux", SD3Arch.diffusers_class: "sd3"}
+    if cls not in families:
+        raise ArchError(f"{path} describes a {cls}; only FluxTransformer2DModel (FLUX.1) and "
+                        "SD3Transformer2DModel (SD3 / SD3.5) are supported.")
+    if family is not None and families[cls] != family:
+        raise ArchError(f"--model {family} was given, but {path} describes a {cls} ({families[cls]}); "
+                        f"pass --model {families[cls]} or leave --model out.")
+    try:
+        return arch_from_diffusers_config(cfg)
+    except TypeError as e:
+        raise ArchError(f"{path}: {e}") from None
 
 
 def arch_to_diffusers_config(arch: Arch) -> dict[str, Any]:

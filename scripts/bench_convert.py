@@ -58,8 +58,8 @@ def make_source(directory: Path, double: int, single: int, shard_size: str) -> N
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from models.configs import arch_to_diffusers_config, make_arch
-    from tools.hf_io import PlannedTensor, ShardedSafetensorsWriter, parse_size
+    from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
+    from megatron_senseflow.tools.hf_io import PlannedTensor, ShardedSafetensorsWriter, parse_size
 
     arch = make_arch("flux-dev", {"num_layers": double, "num_single_layers": single})
     config = arch_to_diffusers_config(arch)
@@ -78,8 +78,8 @@ def phase(name: str, args: argparse.Namespace) -> dict:
     """One measured step, run in its own process (see main)."""
     import torch  # noqa: F401  (imports count in the baseline, not in the work)
 
-    from tools.convert_checkpoint import ensure_parallel_state, export_checkpoint, import_checkpoint
-    from tools.hf_io import SafetensorsDir
+    from megatron_senseflow.tools.convert_checkpoint import ensure_parallel_state, export_checkpoint, import_checkpoint
+    from megatron_senseflow.tools.hf_io import SafetensorsDir
 
     src, ckpt, out = Path(args.src), Path(args.ckpt), Path(args.out)
     if name in ("import", "export"):
@@ -96,7 +96,7 @@ def phase(name: str, args: argparse.Namespace) -> dict:
     elif name == "copy":
         from safetensors.torch import load_file, save_file
 
-        from tools.hf_io import fsync_tree
+        from megatron_senseflow.tools.hf_io import fsync_tree
 
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(src.glob("*.safetensors")):

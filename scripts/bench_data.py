@@ -24,9 +24,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from data.loader import ShardLoader
-from data.shards import ShardSet
-from data.write import WriteSettings, write_shards
+from megatron_senseflow.data.loader import ShardLoader
+from megatron_senseflow.data.shards import ShardSet
+from megatron_senseflow.data.write import WriteSettings, write_shards
 from megatron_senseflow.config import DataConfig
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")

@@ -72,8 +72,8 @@ def flux_width(dry: bool) -> dict:
 
 def our_blocks(spec: str, fp8: str | None, recipe: str, dry: bool):
     """(double block, single block, rope, config) of a 1+1-block FLUX at full width."""
-    from models import build_model, transformer_config
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-flux", {**flux_width(dry), "num_layers": 1, "num_single_layers": 1, "guidance_embeds": False})
     cfg = transformer_config(arch, params_dtype=torch.bfloat16, fp8=fp8, fp8_recipe=recipe)
@@ -83,9 +83,9 @@ def our_blocks(spec: str, fp8: str | None, recipe: str, dry: bool):
 
 
 def bench_blocks(args, device, peak) -> list[dict]:
-    from models.flops import flux_single_block, mmdit_block
-    from models.flux import image_ids, text_ids
-    from models.layers import fp8_context
+    from megatron_senseflow.models.flops import flux_single_block, mmdit_block
+    from megatron_senseflow.models.flux import image_ids, text_ids
+    from megatron_senseflow.models.layers import fp8_context
 
     s_img, s_txt = (64, 16) if args.dry_run else (4096, 512)
     rows = []
@@ -124,8 +124,8 @@ def diffusers_blocks(args, device, peak, s_img, s_txt) -> list[dict]:
     from diffusers.models.embeddings import FluxPosEmbed
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from models.flops import flux_single_block, mmdit_block
-    from models.flux import image_ids, text_ids
+    from megatron_senseflow.models.flops import flux_single_block, mmdit_block
+    from megatron_senseflow.models.flux import image_ids, text_ids
 
     w = flux_width(args.dry_run)
     heads, d = w["num_attention_heads"], w["attention_head_dim"]
@@ -195,7 +195,7 @@ def authors_iteration(args, device) -> float:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from megatron_senseflow import flow
-    from models.flux import image_ids, pack_latents, text_ids, unpack_latents
+    from megatron_senseflow.models.flux import image_ids, pack_latents, text_ids, unpack_latents
 
     a = iteration_arch(args)
     kw = dict(in_channels=a["in_channels"], num_layers=a["num_layers"], num_single_layers=a["num_single_layers"],

@@ -40,13 +40,13 @@ def main() -> None:
 
     from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import init_distributed
-    from models import build_model, hf_mapping, transformer_config
-    from models.configs import arch_to_diffusers_config, make_arch
-    from models.flux import image_ids, text_ids
+    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
+    from megatron_senseflow.models.flux import image_ids, text_ids
 
     env = init_distributed(ParallelConfig())
     if env.device.type == "cpu":
-        from megatron_senseflow.testing.cpu_megatron import suspended
+        from megatron_senseflow.cpu_megatron import suspended
     else:
         from contextlib import nullcontext as suspended
     dtype = getattr(torch, args.dtype)

@@ -34,11 +34,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_senseflow.checkpoint import DONE_MARKER  # noqa: F401 (job.sh requeues only without it)
 from megatron_senseflow.config import Config, ConfigError, load_config, resolve_recipe
 
 SLURM_DIR = Path(__file__).resolve().parent
-DONE_MARKER = "DONE"
-"""Written by the trainer into train.output_dir when it reaches train.max_steps; job.sh requeues only without it."""
 SCRIPT_NAME = "job.sbatch"
 """Name of the batch script inside the output directory."""
 
@@ -178,7 +177,7 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int, tp: int, pp: int) 
         raise ConfigError(f"--nodes {nodes} must be at least 1.")
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node {gpus_per_node} must be at least 1.")
-    from models.configs import LayoutError, check_world
+    from megatron_senseflow.models.configs import LayoutError, check_world
 
     world = nodes * gpus_per_node
     cp = cfg.parallel.cp

@@ -16,20 +16,15 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
 
+from megatron_senseflow.distributed import free_port
+
 DEFAULT_TIMEOUT = float(os.environ.get("SENSEFLOW_TEST_TIMEOUT", "600"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hard_exit(code: int, q) -> None:
@@ -102,7 +97,7 @@ def run_distributed(
     """Run fn(env, *args, **kwargs) on `world_size` gloo ranks; return the per-rank results."""
     ctx = mp.get_context(os.environ.get("SENSEFLOW_TEST_START", "fork"))
     _share_checkpoint_queue()
-    port = _free_port()
+    port = free_port()
     q = ctx.Queue()
     parallel_kwargs = {"tp": tp, "pp": pp, "cp": cp, **(parallel or {})}
     procs = [

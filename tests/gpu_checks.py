@@ -38,8 +38,8 @@ def _inputs(arch, device, seed=0):
 
 
 def _models(family, fp8=None, recipe="tensorwise"):
-    from models import build_model, transformer_config
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.configs import make_arch
 
     preset, over = ARCHS[family]
     arch = make_arch(preset, over)

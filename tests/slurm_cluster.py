@@ -28,12 +28,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_senseflow.distributed import free_port
 
 TERMINAL_STATES = {
     "COMPLETED",
@@ -65,12 +66,6 @@ def _run(cmd: list[str], timeout: float = 60, env: dict[str, str] | None = None,
     if check and proc.returncode != 0:
         raise SlurmError(f"{' '.join(cmd)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _installed() -> bool:
@@ -203,8 +198,8 @@ class SlurmCluster:
             f"""# Single-node test cluster written by tests/slurm_cluster.py
 ClusterName=senseflowtest
 SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

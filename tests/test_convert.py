@@ -25,7 +25,7 @@ ROUND_TRIP = {
 
 # ---------------------------------------------------------------- fast: file formats, no process group
 def test_sharded_writer_and_lazy_reader(tmp_path):
-    from tools.hf_io import INDEX_NAME, PlannedTensor, SafetensorsDir, ShardedSafetensorsWriter, parse_size
+    from megatron_senseflow.tools.hf_io import INDEX_NAME, PlannedTensor, SafetensorsDir, ShardedSafetensorsWriter, parse_size
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -53,7 +53,7 @@ def test_sharded_writer_and_lazy_reader(tmp_path):
 
 
 def test_writer_refuses_out_of_plan_tensors(tmp_path):
-    from tools.hf_io import PlannedTensor, ShardedSafetensorsWriter
+    from megatron_senseflow.tools.hf_io import PlannedTensor, ShardedSafetensorsWriter
 
     w = ShardedSafetensorsWriter(tmp_path, [PlannedTensor("x", (2, 2), torch.float32)], 10**6)
     with pytest.raises(RuntimeError, match=r"plan expects x \(2, 2\)"):
@@ -61,9 +61,9 @@ def test_writer_refuses_out_of_plan_tensors(tmp_path):
 
 
 def test_export_finds_the_role_checkpoint(tmp_path):
-    from models.checkpoint_io import write_meta
-    from models.configs import make_arch
-    from tools.convert_checkpoint import resolve_role_dir
+    from megatron_senseflow.models.checkpoint_io import write_meta
+    from megatron_senseflow.models.configs import make_arch
+    from megatron_senseflow.checkpoint import resolve_role_dir
 
     arch = make_arch("tiny-flux")
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
@@ -79,7 +79,7 @@ def test_export_finds_the_role_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- round trips (1-rank workers)
 def _round_trip(env, variant, src, ckpt, out, student=False):
-    from tools.convert_checkpoint import export_checkpoint, import_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
 
     import_checkpoint(src, ckpt, student=student, progress=False)
     export_checkpoint(ckpt, out, max_shard_size="150KB", progress=False)
@@ -118,10 +118,10 @@ def test_student_round_trip_drops_only_the_guidance_embedder(tmp_path):
 
 
 def _import_and_save_model(env, variant, src, imported, saved):
-    from models import build_model, hf_mapping, transformer_config
-    from models.checkpoint_io import save_model
+    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models.checkpoint_io import save_model
     from tests.test_model_parity import reference
-    from tools.convert_checkpoint import import_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import import_checkpoint
 
     import_checkpoint(src, imported, progress=False)
     arch, ref = reference(variant)
@@ -152,7 +152,7 @@ def test_import_writes_what_save_model_writes(tmp_path, variant):
 
 
 def _import(env, src, ckpt, student=False):
-    from tools.convert_checkpoint import import_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import import_checkpoint
 
     import_checkpoint(src, ckpt, student=student, progress=False)
     return True
@@ -179,7 +179,7 @@ def test_imported_student_loads_at_tp2(tmp_path):
 
 
 def _export(env, ckpt, out):
-    from tools.convert_checkpoint import export_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint
 
     export_checkpoint(ckpt, out, progress=False)
     return True
@@ -200,13 +200,13 @@ def test_export_of_a_checkpoint_saved_at_tp2(tmp_path):
 
 # ---------------------------------------------------------------- errors people can act on
 def _errors(env, root):
-    """Each bad input -> the ConversionError message (or None if it did not raise)."""
+    """Each bad input -> the UserError message (or None if it did not raise)."""
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
-    from tools.convert_checkpoint import export_checkpoint, import_checkpoint
-    from tools.hf_io import ConversionError
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
+    from megatron_senseflow.errors import UserError
 
     root = Path(root)
     flux = save_tiny("flux-dev", root / "flux")
@@ -253,7 +253,7 @@ def _errors(env, root):
         try:
             fn()
             out[name] = None
-        except ConversionError as e:
+        except UserError as e:
             out[name] = str(e)
     return out
 
@@ -278,11 +278,12 @@ def test_errors_name_the_value_and_the_fix(tmp_path):
     assert all(len(m.splitlines()) == 1 for m in msg.values())
 
 
-# ---------------------------------------------------------------- the three command lines run the same code
+# ---------------------------------------------------------------- the command lines
 @pytest.mark.slow
 def test_command_lines(tmp_path):
     src = save_tiny("sd35-large", tmp_path / "hf", torch.bfloat16)
-    r = run_py("tools/convert_checkpoint.py", "import", "--hf", str(src), "--out", str(tmp_path / "ckpt"), "--model", "sd3")
+    r = run_py("-m", "megatron_senseflow.cli", "convert", "import", "--hf", str(src), "--out", str(tmp_path / "ckpt"),
+               "--model", "sd3")
     assert r.returncode == 0, r.stderr
     step = tmp_path / "step"
     step.mkdir()

@@ -78,7 +78,7 @@ def build_base_pipeline(root: Path) -> Path:
 
 
 def _import_export(env, base, ckpt, out):
-    from tools.convert_checkpoint import export_checkpoint, import_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
 
     import_checkpoint(base, ckpt, student=True, progress=False)
     export_checkpoint(ckpt, out, base_pipeline=base, max_shard_size="100KB", progress=False)

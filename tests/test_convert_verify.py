@@ -15,7 +15,7 @@ from tests.dist_helpers import run_distributed
 
 
 def _import(env, src, ckpt):
-    from tools.convert_checkpoint import import_checkpoint
+    from megatron_senseflow.tools.convert_checkpoint import import_checkpoint
 
     import_checkpoint(src, ckpt, progress=False)
     return True
@@ -75,9 +75,9 @@ def test_layouts_that_do_not_fit_are_refused_before_launch(tmp_path, monkeypatch
     """TP/PP/world checks run before any process group: plain function calls here."""
     import json
 
-    from models.checkpoint_io import write_meta
-    from models.configs import arch_from_diffusers_config
-    from tools.verify_conversion import VerifyError, resolve
+    from megatron_senseflow.models.checkpoint_io import write_meta
+    from megatron_senseflow.models.configs import arch_from_diffusers_config
+    from megatron_senseflow.tools.verify_conversion import VerifyError, resolve
 
     src = save_tiny("flux-dev", tmp_path / "hf", shard="10MB")
     arch = arch_from_diffusers_config(json.loads((src / "config.json").read_text()))

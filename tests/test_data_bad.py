@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from webdataset.writer import TarWriter
 
-from data.loader import ShardLoader, epoch_order
-from data.shards import FORMAT, VERSION
+from megatron_senseflow.data.loader import ShardLoader, epoch_order
+from megatron_senseflow.data.shards import FORMAT, VERSION
 from megatron_senseflow.config import ConfigError, DataConfig
 from tests.data_helpers import absurd_png, jpeg, real_images
 

@@ -1,7 +1,7 @@
 """`senseflow prepare-data` on the command line: arguments, exit codes, and errors people can act on."""
 from __future__ import annotations
 
-from data.shards import read_manifest
+from megatron_senseflow.data.shards import read_manifest
 from megatron_senseflow.cli import main as cli_main
 from tests.data_helpers import real_images, save_folder
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.encode import EMPTY_PROMPT, LatentEncoder, TextEncoder, infer_family, load_empty_prompt
-from data.loader import ShardLoader
-from data.shards import read_manifest
-from data.write import WriteSettings, write_shards
+from megatron_senseflow.data.encode import EMPTY_PROMPT, LatentEncoder, TextEncoder, infer_family, load_empty_prompt
+from megatron_senseflow.data.loader import ShardLoader
+from megatron_senseflow.data.shards import read_manifest
+from megatron_senseflow.data.write import WriteSettings, write_shards
 from megatron_senseflow.cli import main as cli_main
 from megatron_senseflow.config import ConfigError, DataConfig
 from tests.data_helpers import CLIP_LEN, diffusers_pipeline, real_images, save_folder, save_pipeline, tiny_components
@@ -210,8 +210,8 @@ class _NaNFirst(LatentEncoder):
 def test_encoder_skips_broken_inputs_and_non_finite_outputs(image_shards, flux_pipe, tmp_path):
     import shutil
 
-    from data.encode import EncodeSettings, encode_shards
-    from data.shards import write_json_atomic
+    from megatron_senseflow.data.encode import EncodeSettings, encode_shards
+    from megatron_senseflow.data.shards import write_json_atomic
 
     src, captions = image_shards
     copy = tmp_path / "src"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data.loader as loader_mod
-from data.loader import DataStateError, ShardLoader, shuffled
-from data.write import WriteSettings, write_shards
+import megatron_senseflow.data.loader as loader_mod
+from megatron_senseflow.data.loader import DataStateError, ShardLoader, shuffled
+from megatron_senseflow.data.write import WriteSettings, write_shards
 from megatron_senseflow.config import ConfigError, DataConfig
 from tests.data_helpers import real_images, save_folder
 from tests.dist_helpers import run_distributed
@@ -80,7 +80,7 @@ def test_epochs_reshuffle_with_the_seed(corpus):
 
 
 def shard_keys(folder) -> list[list[str]]:
-    from data.shards import ShardSet, iter_samples
+    from megatron_senseflow.data.shards import ShardSet, iter_samples
 
     return [[s.key for s in iter_samples(url)] for url in ShardSet.open(str(folder)).urls]
 

@@ -10,10 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-import data.write as write_mod
-from data.imageops import Buckets, resize_center_crop
-from data.shards import read_manifest
-from data.write import WriteSettings, write_shards
+import megatron_senseflow.data.write as write_mod
+from megatron_senseflow.data.imageops import Buckets, resize_center_crop
+from megatron_senseflow.data.shards import read_manifest
+from megatron_senseflow.data.write import WriteSettings, write_shards
 from megatron_senseflow.config import ConfigError
 from tests.data_helpers import SAFE_WDS_KEYS, absurd_png, photo, real_images, save_folder, save_img2dataset
 

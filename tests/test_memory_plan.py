@@ -9,8 +9,8 @@ import torch
 from megatron_senseflow import cli
 from megatron_senseflow.config import load_config
 from megatron_senseflow.memory_plan import GB, plan
-from models.configs import make_arch
-from models.flops import param_count
+from megatron_senseflow.models.configs import make_arch
+from megatron_senseflow.models.flops import param_count
 from tests.dist_helpers import run_distributed
 
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def _canonical(variant):
-    from models import hf_mapping
+    from megatron_senseflow.models import hf_mapping
 
     arch, ref = reference(variant)
     sd = ref.state_dict()
@@ -19,8 +19,8 @@ def _canonical(variant):
 
 
 def _save(env, variant, directory):
-    from models import build_model, transformer_config
-    from models.checkpoint_io import save_model
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import save_model
 
     arch, canonical = _canonical(variant)
     model = build_model(arch, transformer_config(arch, tp=env.tp, pp=env.pp))
@@ -32,9 +32,9 @@ def _save(env, variant, directory):
 def _load_and_compare(env, variant, directory, student=False):
     import dataclasses
 
-    from models import build_model, transformer_config
-    from models.base import local_slice
-    from models.checkpoint_io import load_model
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.base import local_slice
+    from megatron_senseflow.models.checkpoint_io import load_model
 
     arch, canonical = _canonical(variant)
     if student:
@@ -64,9 +64,9 @@ def test_student_loads_from_dev_checkpoint_without_guidance(tmp_path):
 
 
 def _load_other(env, directory):
-    from models import build_model, transformer_config
-    from models.checkpoint_io import CheckpointError, load_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import CheckpointError, load_model
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-sd3")
     model = build_model(arch, transformer_config(arch))

@@ -33,7 +33,7 @@ VARIANTS = {
 def reference(variant: str, seed: int = 0):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from models.configs import arch_to_diffusers_config, make_arch
+    from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
 
     preset, over = VARIANTS[variant]
     arch = make_arch(preset, over)
@@ -50,7 +50,7 @@ def reference(variant: str, seed: int = 0):
 
 def inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int = 2):
     """The inputs users' verify_conversion runs use, with a random guidance scale per sample."""
-    from tools.verify_conversion import random_inputs
+    from megatron_senseflow.tools.verify_conversion import random_inputs
 
     return random_inputs(arch, batch, latent_hw, num_txt, seed, guidance=None)
 
@@ -70,8 +70,8 @@ def microbatches(batch: dict, n: int) -> list[dict]:
 def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_split=None, recompute="none"):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from models import build_model, hf_mapping, transformer_config
-    from models.base import local_slice
+    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models.base import local_slice
 
     arch, ref = reference(variant)
     batch = inputs(arch, 2, latent_hw, num_txt)
@@ -144,8 +144,8 @@ def check(results, variant):
             assert r["out"] < RTOL, r["out"]
         bad = {k: v for k, v in r["grads"].items() if not v < GRAD_RTOL}
         assert not bad, bad
-    from models import hf_mapping
-    from models.configs import make_arch
+    from megatron_senseflow.models import hf_mapping
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch(*VARIANTS[variant])
     seen = set().union(*(r["grads"] for r in results))

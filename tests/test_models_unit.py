@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from models import split_blocks, stage_layout, transformer_config
-from models import flops
-from models.configs import make_arch
+from megatron_senseflow.models import split_blocks, stage_layout, transformer_config
+from megatron_senseflow.models import flops
+from megatron_senseflow.models.configs import make_arch
 
 
 def test_flux_double_block_flops_by_hand():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megatron_senseflow import cli
-from slurm.launch import DONE_MARKER
+from megatron_senseflow.slurm.launch import DONE_MARKER
 from tests.dist_helpers import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

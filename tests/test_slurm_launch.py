@@ -19,7 +19,7 @@ import pytest
 
 from megatron_senseflow import cli
 from megatron_senseflow.config import ConfigError
-from slurm import launch
+from megatron_senseflow.slurm import launch
 
 SLURM_DIR = Path(launch.__file__).resolve().parent
 

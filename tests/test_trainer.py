@@ -98,8 +98,8 @@ def _ida_bf16_body(env, lam):
     fp32 master back."""
     from megatron_senseflow.config import OptimizerConfig, ParallelConfig
     from megatron_senseflow.roles import build_role, ida_blend
-    from models import transformer_config
-    from models.configs import make_arch
+    from megatron_senseflow.models import transformer_config
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-flux", {"guidance_embeds": False})
     tc = transformer_config(arch, tp=env.tp, params_dtype=torch.bfloat16)
@@ -140,9 +140,9 @@ def _ida_gathered_body(env, directory, phase):
     """phase 'split': blend at this layout and save; phase 'whole': blend at TP1/PP1 and compare."""
     from megatron_senseflow.config import OptimizerConfig, ParallelConfig
     from megatron_senseflow.roles import build_role, ida_blend
-    from models import transformer_config
-    from models.checkpoint_io import load_model, save_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import transformer_config
+    from megatron_senseflow.models.checkpoint_io import load_model, save_model
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-flux", {"guidance_embeds": False})
     tc = transformer_config(arch, tp=env.tp, pp=env.pp)
@@ -162,9 +162,9 @@ def _ida_gathered_body(env, directory, phase):
 
 
 def _make_two_models(env, directory):
-    from models import build_model, transformer_config
-    from models.checkpoint_io import save_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import save_model
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-flux", {"guidance_embeds": False})
     for name, seed in (("g", 3), ("f", 4)):
@@ -178,9 +178,9 @@ def _make_two_models(env, directory):
 
 
 def _compare_ckpts(env, a, b):
-    from models import build_model, transformer_config
-    from models.checkpoint_io import load_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import load_model
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch("tiny-flux", {"guidance_embeds": False})
     ma, mb = (build_model(arch, transformer_config(arch)) for _ in range(2))

@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _save_teacher(env, directory, preset, arch_overrides, seed):
     import torch
 
-    from models import build_model, transformer_config
-    from models.checkpoint_io import save_model
-    from models.configs import make_arch
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import save_model
+    from megatron_senseflow.models.configs import make_arch
 
     arch = make_arch(preset, arch_overrides)
     torch.manual_seed(seed)

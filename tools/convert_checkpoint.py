@@ -1,10 +1,8 @@
 """Weights between HuggingFace diffusers and our role checkpoints, both directions, streaming.
 
-    python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/teacher
-    python tools/convert_checkpoint.py import --hf FLUX.1-dev --out ckpt/student --student
-    python tools/convert_checkpoint.py export --ckpt RUN --out student-diffusers \\
-        --base-pipeline FLUX.1-dev
-    senseflow convert import ... | senseflow convert export ... | senseflow export ...   (same code)
+    senseflow convert import --hf FLUX.1-dev --out ckpt/teacher
+    senseflow convert import --hf FLUX.1-dev --out ckpt/student --student
+    senseflow export --ckpt RUN --out student-diffusers --base-pipeline FLUX.1-dev   (= senseflow convert export)
 
 import: a diffusers transformer directory (or a pipeline directory, whose
 `transformer/` is used) -> a role checkpoint (models/checkpoint_io.py) that
@@ -31,12 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the checkout this file belongs to
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from tools.hf_io import (
+from megatron_senseflow.tools.hf_io import (
     ConversionError,
     PlannedTensor,
     SafetensorsDir,
@@ -45,7 +40,6 @@ from tools.hf_io import (
     fsync_tree,
     listed,
     parse_size,
-    read_config,
 )
 
 DEFAULT_SHARD_SIZE = "10GB"  # diffusers' save_pretrained default
@@ -98,32 +92,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- import
-def arch_of_diffusers_dir(directory: Path, model: str | None = None):
-    """Our architecture for a diffusers transformer directory, refusing a family other than `model`."""
-    from models.configs import ArchError, FluxArch, SD3Arch, arch_from_diffusers_config
-
-    cfg = read_config(directory)
-    cls = cfg["_class_name"]
-    families = {FluxArch.diffusers_class: "flux", SD3Arch.diffusers_class: "sd3"}
-    if cls not in families:
-        raise ConversionError(
-            f"{directory / 'config.json'} describes a {cls}; only FluxTransformer2DModel (FLUX.1) and "
-            "SD3Transformer2DModel (SD3 / SD3.5) can be converted."
-        )
-    if model is not None and families[cls] != model:
-        raise ConversionError(
-            f"--model {model} was given, but {directory / 'config.json'} describes a {cls} ({families[cls]}); "
-            f"pass --model {families[cls]} or leave --model out."
-        )
-    try:
-        return arch_from_diffusers_config(cfg)
-    except (ArchError, TypeError) as e:
-        raise ConversionError(f"{directory / 'config.json'}: {e}") from None
-
-
 def check_variant(arch, variant: str, where) -> None:
     """Refuse a config that is not the named release (all architecture fields must match the preset)."""
-    from models.configs import PRESETS, arch_to_dict
+    from megatron_senseflow.models.configs import PRESETS, arch_to_dict
 
     if variant not in PRESETS:
         raise ConversionError(f"--variant {variant!r} is unknown; choose one of {', '.join(sorted(PRESETS))}.")
@@ -149,10 +120,10 @@ def import_checkpoint(
     progress: bool | None = None,
 ) -> Path:
     """diffusers transformer / pipeline directory -> role checkpoint at `out`. Returns `out`."""
-    from models import hf_mapping
-    from models.checkpoint_io import checkpoint_layout
-
-    from tools.megatron_io import write_role_checkpoint
+    from megatron_senseflow.models import hf_mapping
+    from megatron_senseflow.models.checkpoint_io import checkpoint_layout
+    from megatron_senseflow.models.configs import arch_of_diffusers_dir
+    from megatron_senseflow.tools.megatron_io import write_role_checkpoint
 
     src = find_transformer_dir(hf)
     arch_src = arch_of_diffusers_dir(src, model)
@@ -221,27 +192,6 @@ def import_checkpoint(
 
 
 # ---------------------------------------------------------------- export
-def resolve_role_dir(ckpt: str | Path, role: str = "generator") -> Path:
-    """A role checkpoint, a step directory holding one per role, or a train output dir (its latest complete step)."""
-    from megatron_senseflow.checkpoint import CheckpointManager
-    from models.checkpoint_io import META_NAME
-
-    p = Path(ckpt)
-    if not p.is_dir():
-        raise ConversionError(f"--ckpt {p} is not a directory; pass a role checkpoint or a training step directory.")
-    latest = CheckpointManager(p / "checkpoints").latest()
-    for cand in (p, p / role, *([latest / role] if latest else [])):
-        if (cand / META_NAME).is_file():
-            return cand
-    roles = sorted(d.name for d in p.iterdir() if (d / META_NAME).is_file())
-    if roles:
-        raise ConversionError(f"{p} holds roles {', '.join(roles)} but no {role!r}; pass --role {roles[0]}.")
-    raise ConversionError(
-        f"{p} is not a senseflow checkpoint (no {META_NAME} in it, in {role}/ or in the latest step under checkpoints/); "
-        "pass a directory written by `senseflow convert import` or by training."
-    )
-
-
 def _copy_pipeline(base: Path, out: Path, arch, link: str) -> None:
     import json
 
@@ -283,11 +233,12 @@ def export_checkpoint(
     """Role checkpoint -> diffusers transformer directory (or pipeline directory). Returns the transformer dir."""
     import json
 
-    from models import hf_mapping
-    from models.checkpoint_io import CheckpointError, checkpoint_arch, checkpoint_layout
-    from models.configs import arch_to_diffusers_config
+    from megatron_senseflow.models import hf_mapping
+    from megatron_senseflow.models.checkpoint_io import CheckpointError, checkpoint_arch, checkpoint_layout
+    from megatron_senseflow.models.configs import arch_to_diffusers_config
 
-    from tools.megatron_io import RoleCheckpointReader
+    from megatron_senseflow.checkpoint import resolve_role_dir
+    from megatron_senseflow.tools.megatron_io import RoleCheckpointReader
 
     role_dir = resolve_role_dir(ckpt, role)
     try:
@@ -388,35 +339,18 @@ def add_arguments_for(verb: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run_for(verb: str, args: argparse.Namespace) -> int:
-    from models.checkpoint_io import CheckpointError
-    from models.configs import ArchError
-
     direction = "export" if verb == "export" else args.direction
     prog = f"senseflow {verb}" + ("" if verb == "export" else f" {direction}")
     start = time.perf_counter()
-    try:
-        if direction == "import":
-            out = import_checkpoint(args.hf, args.out, model=args.model, variant=args.variant, student=args.student,
-                                    overwrite=args.overwrite, progress=args.progress)
-            what = "role checkpoint"
-        else:
-            out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
-                                    max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
-                                    overwrite=args.overwrite, progress=args.progress)
-            what = "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
-            out = Path(args.out)
-    except (ConversionError, ArchError, CheckpointError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+    if direction == "import":
+        out = import_checkpoint(args.hf, args.out, model=args.model, variant=args.variant, student=args.student,
+                                overwrite=args.overwrite, progress=args.progress)
+        what = "role checkpoint"
+    else:
+        out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
+                                max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
+                                overwrite=args.overwrite, progress=args.progress)
+        what = "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
+        out = Path(args.out)
     print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
-    add_arguments_for("convert", parser)
-    return run_for("convert", parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

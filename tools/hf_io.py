@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from megatron_senseflow.errors import UserError
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
@@ -40,7 +42,7 @@ _DTYPES = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Input a conversion cannot use, said in one sentence that names the value and the fix."""
 
 

@@ -25,8 +25,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from models.checkpoint_io import META_NAME, StoredTensor, write_meta
-from models.configs import Arch
+from megatron_senseflow.models.checkpoint_io import META_NAME, StoredTensor, write_meta
+from megatron_senseflow.models.configs import Arch
 
 from .hf_io import ConversionError, PlannedTensor, fsync_tree
 

@@ -22,17 +22,15 @@ import argparse
 import gc
 import os
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import the checkout this file belongs to
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from megatron_senseflow.errors import UserError
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError):
     """The check cannot run; one sentence naming the value and the fix."""
 
 
@@ -40,7 +38,7 @@ def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, se
     """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed).
 
     guidance None: a different random scale in [0, 5) per sample (the parity tests use that)."""
-    from models.flux import image_ids, text_ids
+    from megatron_senseflow.models.flux import image_ids, text_ids
 
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
@@ -74,7 +72,7 @@ def sample(batch: dict, i: int, device, dtype) -> dict:
 
 
 def check_layout(arch, tp: int, pp: int, world: int) -> None:
-    from models.configs import LayoutError
+    from megatron_senseflow.models.configs import LayoutError
 
     try:
         arch.check_layout(tp, pp, world=world, exact_world=True, names={"tp": "--tp", "pp": "--pp"})
@@ -87,10 +85,14 @@ def check_layout(arch, tp: int, pp: int, world: int) -> None:
 
 def resolve(args):
     """Paths and architectures, checked before any process group exists (so errors come once, early)."""
-    from models.checkpoint_io import CheckpointError, arch_to_dict, checkpoint_arch
-
-    from tools.convert_checkpoint import arch_of_diffusers_dir, resolve_role_dir
-    from tools.hf_io import find_transformer_dir
+    from megatron_senseflow.models.checkpoint_io import (
+        CheckpointError,
+        arch_to_dict,
+        checkpoint_arch,
+    )
+    from megatron_senseflow.checkpoint import resolve_role_dir
+    from megatron_senseflow.models.configs import arch_of_diffusers_dir
+    from megatron_senseflow.tools.hf_io import find_transformer_dir
 
     src = find_transformer_dir(args.hf)
     arch_hf = arch_of_diffusers_dir(src)
@@ -119,8 +121,7 @@ def run(args) -> int:
 
     from megatron_senseflow.config import ConfigError, ParallelConfig
     from megatron_senseflow.distributed import destroy_distributed, init_distributed
-
-    from tools.hf_io import ConversionError
+    from megatron_senseflow.tools.hf_io import ConversionError
 
     try:
         src, role_dir, arch = resolve(args)
@@ -132,8 +133,8 @@ def run(args) -> int:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from models import build_model, transformer_config
-    from models.checkpoint_io import load_model, read_meta
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import load_model, read_meta
 
     stored = getattr(torch, read_meta(role_dir)["dtype"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (

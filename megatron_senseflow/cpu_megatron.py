@@ -1,4 +1,4 @@
-"""Let unmodified megatron-core run on CPU with gloo: test and CPU-demo support only.
+"""Let unmodified megatron-core run on CPU with gloo: CPU runs only (tests, the demo).
 
 Why this exists: megatron-core 0.16 asks for CUDA in a few places that have
 nothing to do with the maths we test. `install()` is called by the
