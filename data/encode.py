@@ -10,7 +10,7 @@ Reusable pieces, all loaded from a local diffusers pipeline folder
 FLUX: T5 sequence embeddings [B, 512, 4096] (`t5.npy`) + CLIP-L pooled [B, 768]
 (`clip_pooled.npy`), as `FluxPipeline.encode_prompt`. SD3.x: CLIP-L and
 CLIP-G penultimate hidden states concatenated and zero-padded to T5's width,
-then T5 appended along the sequence ([B, 77 + 256, 4096], `text.npy`), and
+then T5 appended along the sequence ([B, 77 + 77, 4096], `text.npy`), and
 both CLIP projections concatenated ([B, 2048], `pooled.npy`), as
 `StableDiffusion3Pipeline.encode_prompt`.
 
@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 FAMILIES = ("flux", "sd3")
 LATENT_KEY = "latent.npy"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-DEFAULT_TEXT_LENGTH = {"flux": 512, "sd3": 77 + 256}
+# The distillation trainers' prompt lengths: FLUX T5 512 (SenseFlow's FLUX encode_prompt); SD3.x 77 CLIP + 77 T5
+# tokens (SenseFlow's SD3.5 and SiD-DiT's SD3 encode T5 with max_length 77; diffusers' own default is 256)
+DEFAULT_TEXT_LENGTH = {"flux": 512, "sd3": 77 + 77}
 PIPELINE_FAMILY = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 
 
@@ -196,7 +198,7 @@ class SD3TextEncoder(TextEncoder):
 
     family, text_key, pooled_key = "sd3", "text.npy", "pooled.npy"
 
-    def __init__(self, clip_l_tokenizer, clip_l, clip_g_tokenizer, clip_g, t5_tokenizer, t5, max_length: int = 333):
+    def __init__(self, clip_l_tokenizer, clip_l, clip_g_tokenizer, clip_g, t5_tokenizer, t5, max_length: int = 154):
         self.clips = ((clip_l_tokenizer, clip_l), (clip_g_tokenizer, clip_g))
         self.t5_tokenizer, self.t5 = t5_tokenizer, t5
         # diffusers pads both CLIP prompts to the first tokenizer's length

@@ -50,12 +50,30 @@ class DiffusersVAE(nn.Module):
         return self.vae.decode(z).sample
 
 
+def _pixel_layout(latent_channels: int) -> tuple[int, int]:
+    for factor in (1, 2, 4):
+        for image_channels in (3, 1):
+            if image_channels * factor * factor == latent_channels:
+                return factor, image_channels
+    raise ValueError(f"no pixel codec gives {latent_channels} latent channels; set discriminator.vae to a VAE path.")
+
+
 def build_codec(spec: str | None, latent_channels: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     """'pixel' / None: SpaceToDepth sized to the model's latent channels; otherwise a local VAE path."""
     if spec in (None, "pixel"):
-        for factor in (1, 2, 4):
-            for image_channels in (3, 1):
-                if image_channels * factor * factor == latent_channels:
-                    return SpaceToDepth(factor, image_channels)
-        raise ValueError(f"no pixel codec gives {latent_channels} latent channels; set discriminator.vae to a VAE path.")
+        return SpaceToDepth(*_pixel_layout(latent_channels))
     return DiffusersVAE(spec, dtype)
+
+
+def codec_factor(spec: str | None, latent_channels: int) -> int:
+    """Pixels per latent side of the codec `build_codec` would build, without loading weights: a VAE's
+    2^(levels - 1) from its config.json (8 for FLUX and SD3.x when the path is not there yet)."""
+    if spec in (None, "pixel"):
+        return _pixel_layout(latent_channels)[0]
+    import json
+    from pathlib import Path
+
+    cfg = Path(spec) / "config.json"
+    if cfg.is_file():
+        return 2 ** (len(json.loads(cfg.read_text())["block_out_channels"]) - 1)
+    return 8

@@ -180,15 +180,26 @@ class DiscriminatorConfig:
     """AdamW settings of the trainable heads."""
     dinov2: str | None = "tiny"
     """Local path of a DINOv2 ViT-L/14 (transformers format), or 'tiny' for a small one built from a config
-    (None in the big recipes: the user must set it).
-    The text condition is the pooled CLIP embedding every batch already carries (FLUX: CLIP-L; SD3: CLIP-L+G)."""
+    (None in the big recipes: the user must set it)."""
     vae: str | None = None
     """Local path of the diffusers VAE (AutoencoderKL) that decodes latents; None or 'pixel' = exact
     space-to-depth codec for pixel-space models (demo, tests)."""
-    feature_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
-    """DINOv2 blocks whose features feed the heads (0-based)."""
-    image_size: int = 224
-    """Resolution the decoded image is resized to before DINOv2."""
+    feature_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 10, 14, 19, 23])
+    """DINOv2 blocks whose outputs feed a head each (0-based; the authors' hooks, V350)."""
+    patch_features: bool = True
+    """Also feed a head the patch embedding with position (the authors' hook_patch: 8 maps with the blocks)."""
+    image_size: Count | None = None
+    """Resolution DINOv2 sees; None = the decoded image's own (the authors: crop_plan 'none', fix_res_dino False:
+    73 x 73 patches at 1024 px, DINOv2's position grid resized bilinearly)."""
+    head_downsample: Annotated[int, Range(ge=0, le=3)] = 3
+    """Stride-2 convolutions in each head's trunk and reference mapper (the authors: 3)."""
+    text_condition: Literal["clip_l", "pooled"] = "clip_l"
+    """Head condition: 'clip_l' the L2-normalised CLIP ViT-L/14 text embedding (the authors' CLIP().encode_text),
+    taken from what every batch carries: SD3.x's pooled embedding begins with it; FLUX's pooled CLIP-L output is
+    projected by CLIP's text_projection (`clip`); 'pooled' the DiT's pooled embedding as is (tests, demo)."""
+    clip: str | None = None
+    """FLUX with text_condition 'clip_l': a local CLIP ViT-L/14 directory (transformers format); only its
+    768 x 768 text_projection is read, to project FLUX's pooled CLIP-L embedding."""
     diffaug: str = "color,translation,cutout"
     """DiffAugment policies applied to real and fake images."""
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -208,47 +219,87 @@ class RolesConfig:
 
 
 @dataclass(kw_only=True)
+class TimestepLaw:
+    """A law of the noise level sigma, as the authors' trainers draw it (flow.py, "the authors' timestep laws")."""
+
+    kind: Literal["logit_normal", "logit_normal_table", "uniform_index"] = "logit_normal_table"
+    """'logit_normal': sigmoid(mean + std z), continuous (SiD-DiT); 'logit_normal_table': the same u read off
+    diffusers' 1000-step table, sigma = 1 - floor(1000 u) / 1000 (SenseFlow's FLUX DMD and fake score, SD3.5 fake
+    score); 'uniform_index': an integer t uniform in [index_min, index_max] on the flipped table,
+    sigma = (t + 1) / 1000 (SenseFlow's SD3.5 DMD). The shift below applies after either."""
+    mean: float = 0.0
+    """Logit-normal mean."""
+    std: Positive = 1.0
+    """Logit-normal standard deviation."""
+    index_min: Annotated[int, Range(ge=0, le=999)] = 20
+    """'uniform_index': the lowest table index (the authors' min_step_percent 0.02 x 1000)."""
+    index_max: Annotated[int, Range(ge=0, le=999)] = 980
+    """'uniform_index': the highest table index, included (max_step_percent 0.98 x 1000)."""
+    shift: Positive = 1.0
+    """Timestep shift m applied to the drawn position: m s / (1 + (m - 1) s); 1 = none."""
+
+
+@dataclass(kw_only=True)
 class DistillConfig:
     num_steps: Count = 4
     """Student sampling steps (anchors)."""
-    shift: float | None = None
-    """Timestep shift m; None = the family default (SD3.x 3.0, FLUX resolution-dependent)."""
+    shift: Positive | None = None
+    """Shift m of the student anchors shift({1, (K-1)/K, ..., 1/K}); None = the family default (SD3.x 3.0,
+    FLUX resolution-dependent: {1, .904, .759, .512} at 1024 px)."""
     ttur: Count = 5
     """Generator updates once every `ttur` iterations; fake score and discriminator every iteration."""
     backward_sim_prob: Fraction = 0.5
-    """Probability of building the student input by running G from noise instead of noising a real latent."""
+    """Probability of building the student input by running G from noise instead of noising a real latent
+    (1.0: data-free, as SiD)."""
+    anchor_draw: Literal["per_sample", "per_iteration"] = "per_sample"
+    """Which anchor a sample trains at: drawn per sample, or one draw shared by the whole iteration (SiD-DiT's
+    number of generator steps k ~ U{1..K}, broadcast to every rank)."""
     dmd_weight: NonNegative = 1.0
-    """Weight of the DMD loss."""
-    dmd_t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    """DMD timestep sampling: 'logit_normal' (FLUX) or 'uniform' (SD3.x, index in [t_min, t_max])."""
-    dmd_t_min: float = 0.02
-    """Lower end of uniform DMD timesteps."""
-    dmd_t_max: float = 0.98
-    """Upper end of uniform DMD timesteps."""
-    logit_normal_mean: float = 0.0
-    """Mean of the logit-normal timestep distribution."""
-    logit_normal_std: float = 1.0
-    """Std of the logit-normal timestep distribution."""
-    guidance_min: float = 1.0
-    """Lower end of the teacher guidance scale drawn per step."""
-    guidance_max: float = 8.0
-    """Upper end of the teacher guidance scale drawn per step."""
-    guidance_mode: Literal["embedding", "cfg"] = "embedding"
-    """'embedding' (FLUX.1-dev guidance input) or 'cfg' (real classifier-free guidance, SD3.x)."""
+    """Weight of the DMD loss (of the SiD loss for method=sid)."""
+    dmd_timesteps: TimestepLaw = field(default_factory=TimestepLaw)
+    """Noise levels at which teacher and fake score judge G's output (DMD; the SiD loss for method=sid)."""
+    fake_timesteps: TimestepLaw = field(default_factory=TimestepLaw)
+    """Noise levels of the fake score's flow-matching loss."""
+    guidance_mode: Literal["embedding", "cfg", "cfg_and_embedding"] = "embedding"
+    """How the teacher is guided: 'embedding' (FLUX.1-dev's guidance input), 'cfg' (real classifier-free guidance
+    against the empty prompt, SD3.x) or 'cfg_and_embedding' (both, the scale fed as the FLUX guidance too: SiD-DiT)."""
+    dmd_guidance: tuple[NonNegative, NonNegative] = (1.0, 8.0)
+    """Teacher guidance scale of the DMD (SiD) target, uniform in [a, b] per sample; a == b for a fixed scale."""
+    isg_guidance: tuple[NonNegative, NonNegative] = (1.0, 8.0)
+    """Teacher guidance scale of ISG's teacher step, drawn afresh: FLUX U(1, 8), SD3.5 Medium U(2, 4), Large 5.0."""
+    fake_guidance: NonNegative = 1.0
+    """CFG scale of the fake score, in its own loss and in the target (SiD-DiT's cfg_train_fake = cfg_eval_fake);
+    1.0 = the conditional branch only (SenseFlow)."""
+    student_guidance: NonNegative = 1.0
+    """Guidance embedding fed to a student that keeps FLUX's guidance embedder (model.student_guidance_embeds)."""
     ida_lambda: Fraction = 0.97
     """IDA blend: phi <- lam * phi + (1 - lam) * theta after each generator step."""
     isg_weight: NonNegative = 1.0
     """Weight of intra-segment guidance."""
+    isg_grid: Literal["sigma", "scheduler_index"] = "sigma"
+    """Where ISG draws t_mid: 'sigma' (FLUX, F724): an integer 1000 sigma strictly inside the segment by
+    `isg_margin`; 'scheduler_index' (SD3.5, S677-679): an integer index of the shifted 1000-step table
+    inside the segment by `isg_margin`, whose last segment ends at the table's smallest sigma (0.003), not 0."""
+    isg_margin: NonNegativeInt = 20
+    """Distance of t_mid from both ends of its segment, in the grid's integer steps (FLUX 20, SD3.5 50)."""
     pseudo_huber_c: Positive = 1e-3
     """Constant c of the ISG pseudo-Huber loss."""
     gan_weight: NonNegative = 2.0
     """Weight of the generator's GAN term."""
-    gan_weight_power: float = 2.0
-    """GAN term scaled by (1 - sigma_in) ** power: zero at pure noise."""
+    gan_time_weight: Literal["one_minus_sigma_sq", "scheduler_table_sq"] = "one_minus_sigma_sq"
+    """Per-anchor weight w of the GAN terms (generator and discriminator): 'one_minus_sigma_sq' (1 - tau)^2, the
+    paper's and the FLUX trainer's; 'scheduler_table_sq' the SD3.5 trainers' (S812-818): their unflipped scheduler
+    table read at the anchor's step index, squared: 0.000009, 0.2513, 0.5636, 0.8109 at {1, .9, .75, .5}."""
+    fake_loss_reduction: Literal["mean", "sum"] = "mean"
+    """Fake-score flow-matching loss over a sample's elements: 'mean' (SenseFlow) or 'sum' (SiD-DiT)."""
     sid_alpha: float = 1.0
-    """SiD alpha."""
-    sid_weighting: Literal["one_minus_t", "one_minus_t_sq", "inv_t", "snr"] = "one_minus_t"
-    """SiD weighting w(t): 'one_minus_t', 'one_minus_t_sq', 'inv_t' or 'snr'."""
+    """SiD alpha in (y_r - y_f) . ((y_r - x_g) - alpha (y_r - y_f))."""
+    sid_weighting: Literal["one_minus_sigma", "one_minus_sigma_sq", "inv_sigma", "inv_sigma_sq", "snr",
+                           "snr_sqrt", "legacy"] = "one_minus_sigma"
+    """SiD per-sample weight (SiD-DiT's weighting_scheme): 1 - sigma (their default), (1 - sigma)^2, 1 / sigma,
+    1 / sigma^2, ((1 - sigma) / sigma)^2, (1 - sigma) / sigma, or 'legacy' 1 / mean|x_g - y_r| (the original SiD)."""
+    sid_loss_scale: Positive = 100.0
+    """SiD-DiT's loss_scaling_G: the SiD loss is summed over a sample's elements and multiplied by this."""
 
 
 @dataclass(kw_only=True)
@@ -310,6 +361,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """TensorBoard and sample grids."""
 
+    def wants_discriminator(self) -> bool:
+        """Whether this run trains the discriminator: the method decides (methods.Objective.wants_discriminator)."""
+        from .methods import OBJECTIVES
+
+        return OBJECTIVES[self.method].wants_discriminator(self)
+
     def missing_assets(self) -> list[str]:
         """Sentences naming the local paths a real (non-tiny) run still needs; empty when it can start.
 
@@ -327,7 +384,7 @@ class Config:
             missing.append(f"data.path is not set: a {label} run needs shards from `senseflow prepare-data`; "
                            f"pass data.path=DIR.")
         dc = self.roles.discriminator
-        if dc.enabled and self.method != "sid":
+        if self.wants_discriminator():
             if not dc.dinov2 or dc.dinov2 == "tiny":
                 missing.append(f"roles.discriminator.dinov2 is {dc.dinov2!r}: a {label} run needs a local DINOv2 "
                                f"ViT-L/14 directory; pass roles.discriminator.dinov2=DIR (or disable the "
@@ -335,6 +392,10 @@ class Config:
             if not dc.vae or dc.vae == "pixel":
                 missing.append(f"roles.discriminator.vae is {dc.vae!r}: a {label} run decodes latents with the "
                                f"pipeline's VAE; pass roles.discriminator.vae=DIR/vae.")
+            if dc.text_condition == "clip_l" and self.model.teacher_arch().family == "flux" and not dc.clip:
+                missing.append("roles.discriminator.clip is not set: the heads' CLIP ViT-L/14 condition projects "
+                               "FLUX's pooled CLIP-L embedding with CLIP's text projection; pass "
+                               "roles.discriminator.clip=DIR (a transformers clip-vit-large-patch14).")
         return missing
 
     def validate(self, world_size: int | None = None) -> None:
@@ -384,13 +445,23 @@ class Config:
         if self.roles.teacher.fp8_weights and self.roles.teacher.precision != "fp8":
             raise ConfigError("roles.teacher.fp8_weights=true needs roles.teacher.precision=fp8.")
         d = self.distill
-        if d.guidance_min > d.guidance_max:
-            raise ConfigError(f"distill.guidance_min={d.guidance_min} exceeds distill.guidance_max={d.guidance_max}.")
-        if d.guidance_mode == "embedding" and not arch.guidance_embeds:
+        for name in ("dmd_guidance", "isg_guidance"):
+            lo, hi = getattr(d, name)
+            if lo > hi:
+                raise ConfigError(f"distill.{name}={[lo, hi]}: the lower end exceeds the upper.")
+        if d.guidance_mode != "cfg" and not arch.guidance_embeds:
             raise ConfigError(
-                f"distill.guidance_mode='embedding' needs a teacher with a guidance embedding ({self.model.preset} "
-                f"has none); use guidance_mode='cfg'."
+                f"distill.guidance_mode={d.guidance_mode!r} needs a teacher with a guidance embedding "
+                f"({self.model.preset} has none); use guidance_mode='cfg'."
             )
+        for name in ("dmd_timesteps", "fake_timesteps"):
+            law = getattr(d, name)
+            if law.kind == "uniform_index" and law.index_min > law.index_max:
+                raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
+        dc = self.roles.discriminator
+        if dc.enabled and dc.text_condition == "clip_l" and self.model.preset.startswith("tiny"):
+            raise ConfigError("roles.discriminator.text_condition='clip_l' needs a real text encoder's CLIP-L "
+                              "embedding; the tiny presets carry none: use text_condition='pooled'.")
 
 
 # --------------------------------------------------------------------------- loading

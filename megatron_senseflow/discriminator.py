@@ -1,11 +1,28 @@
-"""Vision-foundation-model discriminator of SenseFlow: frozen DINOv2 features + trainable heads.
+"""Vision-foundation-model discriminator of SenseFlow, as the authors build it (their vfmgan.py, V).
 
-Each hooked DINOv2 block gives a token map [B, C, h, w]. A head turns it into
-per-location logits by projection conditioning (as in the authors' VFM-GAN and
-StyleGAN-T): out = <cls(main(x)), cmap(text) + refmap(ref)> / sqrt(cmap_dim),
-where `text` is the pooled CLIP text embedding already in every batch (FLUX:
-CLIP-L pooled; SD3: CLIP-L + CLIP-G) and `ref` is the same block's features of
-the paired real image. Logits average over locations and heads.
+Features: a frozen DINOv2 ViT-L/14 sees the decoded image at its own resolution
+(their crop_plan 'none', fix_res_dino False: 73 x 73 patches at 1024 px, the
+position grid resized bilinearly); taps are the patch embedding with position
+and the outputs of blocks 2, 5, 8, 10, 14, 19, 23 (8 maps, V350), each with the
+CLS token added to every patch token (their AddReadout) and laid out as a
+[B, C, h, w] map.
+
+Heads (DiscHeadPlus_2d, V305-341): a trunk of spectral-normalised convolutions
+with local batch norm and LeakyReLU, three of them stride 2; a projection
+conditioned on the text and on the same tap of the paired real image:
+  logits = <cls(trunk(x)), cmapper(c) + refmapper(ref)> / sqrt(64)   per location,
+with c the L2-normalised CLIP ViT-L/14 text embedding (their CLIP().encode_text,
+StyleGAN-T's wrapper; `text_condition`). Logits of all heads and locations are
+concatenated per sample; the losses (losses.py) apply per location.
+
+Two choices of ours, both equal to the authors' runs: local batch norm uses
+each sample's own statistics (theirs groups 8 samples of a rank's batch, and they
+train one sample per GPU; per sample keeps a run independent of how samples are
+spread over ranks), and the spectral-norm power iteration advances three times
+per iteration at the points where their heads run a forward in training mode
+(the generator's GAN term, the real and the fake discriminator pass), on every
+rank alike (`advance_spectral_norm`), because under pipeline parallelism only
+the last stage evaluates the generator's term.
 
 The DINOv2 backbone is frozen but differentiable: the generator's GAN term
 backpropagates through it (and through the frozen VAE decoder) into x0_hat.
@@ -14,6 +31,7 @@ The module is replicated on every rank; its grads are averaged over DP only.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,9 +40,10 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_L_DIM = 768  # width of CLIP ViT-L/14's text embedding (the heads' condition)
 
 
-def build_dinov2(spec: str, image_size: int, num_layers: int) -> nn.Module:
+def build_dinov2(spec: str, num_layers: int, image_size: int = 224) -> nn.Module:
     """A transformers Dinov2Model from a local path, or 'tiny' (random, built from a config; tests and demo)."""
     from transformers import Dinov2Config, Dinov2Model
 
@@ -39,6 +58,50 @@ def build_dinov2(spec: str, image_size: int, num_layers: int) -> nn.Module:
         )
         return Dinov2Model(cfg)
     return Dinov2Model.from_pretrained(spec, local_files_only=True)
+
+
+def clip_text_projection(directory: str) -> torch.Tensor:
+    """CLIP ViT-L/14's text_projection weight [768, 768] from a local transformers directory (only that tensor)."""
+    from safetensors import safe_open
+
+    from .errors import UserError
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            if "text_projection.weight" in sf.keys():
+                w = sf.get_tensor("text_projection.weight").float()
+                if tuple(w.shape) != (CLIP_L_DIM, CLIP_L_DIM):
+                    raise UserError(f"{f}: text_projection.weight is {tuple(w.shape)}, not CLIP ViT-L/14's "
+                                    f"({CLIP_L_DIM}, {CLIP_L_DIM}); roles.discriminator.clip must be CLIP ViT-L/14.")
+                return w
+    raise UserError(f"roles.discriminator.clip={directory} holds no text_projection.weight in a .safetensors file; "
+                    "pass a transformers CLIP ViT-L/14 directory (openai/clip-vit-large-patch14).")
+
+
+class TextCondition(nn.Module):
+    """The heads' text condition from the pooled embedding every batch carries (no text encoder runs per step).
+
+    'clip_l': the authors' CLIP().encode_text, L2-normalised CLIP ViT-L/14 text features. SD3.x's pooled
+    embedding is [CLIP-L text_embeds (768) | CLIP-G text_embeds (1280)] (StableDiffusion3Pipeline), so it is
+    the first 768 channels; FLUX's is CLIP-L's pooler output before the projection, so it is projected
+    with CLIP's own text_projection. 'pooled': the pooled embedding as is (tests, the demo).
+    """
+
+    def __init__(self, mode: str, family: str, pooled_dim: int, projection: torch.Tensor | None = None):
+        super().__init__()
+        self.mode, self.family = mode, family
+        self.dim = CLIP_L_DIM if mode == "clip_l" else pooled_dim
+        self.register_buffer("projection", projection, persistent=False)
+
+    def forward(self, pooled_BP: torch.Tensor) -> torch.Tensor:
+        if self.mode == "pooled":
+            return pooled_BP.float()
+        if self.family == "sd3":
+            feats = pooled_BP[:, :CLIP_L_DIM].float()
+        else:
+            feats = pooled_BP.float() @ self.projection.t()
+        return F.normalize(feats, dim=-1)
 
 
 # --------------------------------------------------------------------------- DiffAugment
@@ -98,8 +161,24 @@ class DiffAugment:
 # --------------------------------------------------------------------------- heads
 
 
-def _sn_conv(cin: int, cout: int, k: int) -> nn.Module:
-    return spectral_norm(nn.Conv2d(cin, cout, k, padding=k // 2, padding_mode="circular"))
+def _sn_conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Module:
+    return spectral_norm(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="circular"), eps=1e-12)
+
+
+class LocalNorm(nn.Module):
+    """The authors' BatchNormLocal at one sample per group: each sample normalised over its own locations."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x_BCHW):
+        mean = x_BCHW.mean(dim=(2, 3), keepdim=True)
+        var = x_BCHW.var(dim=(2, 3), keepdim=True, unbiased=False)
+        x = (x_BCHW - mean) / torch.sqrt(var + self.eps)
+        return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 
 class _Residual(nn.Module):
@@ -111,22 +190,41 @@ class _Residual(nn.Module):
         return (self.fn(x) + x) / math.sqrt(2)
 
 
-def _trunk(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        _sn_conv(channels, channels, 1),
-        nn.LeakyReLU(0.2),
-        _Residual(nn.Sequential(_sn_conv(channels, channels, 3), nn.LeakyReLU(0.2))),
-    )
+def _block(channels: int, k: int) -> nn.Sequential:
+    return nn.Sequential(_sn_conv(channels, channels, k), LocalNorm(channels), nn.LeakyReLU(0.2))
+
+
+def _trunk(channels: int, downsample: int) -> nn.Sequential:
+    """make_block_2d(k=1), then two residual k=3 blocks, with a stride-2 convolution after each of the first
+    `downsample` stages (V305-320)."""
+    down = [_sn_conv(channels, channels, 3, stride=2) if downsample > i else nn.Identity() for i in range(3)]
+    return nn.Sequential(_block(channels, 1), down[0], _Residual(_block(channels, 3)), down[1],
+                         _Residual(_block(channels, 3)), down[2])
+
+
+class FullyConnected(nn.Module):
+    """StyleGAN's FullyConnectedLayer (the authors' cmapper): N(0, 1) weights scaled by 1/sqrt(in) at use."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.gain = 1 / math.sqrt(in_features)
+
+    def forward(self, x):
+        return torch.addmm(self.bias.to(x.dtype)[None], x, (self.weight.to(x.dtype) * self.gain).t())
 
 
 class DiscriminatorHead(nn.Module):
-    def __init__(self, channels: int, text_dim: int, cmap_dim: int = 64):
+    """DiscHeadPlus_2d: projection-conditioned per-location logits from one feature map."""
+
+    def __init__(self, channels: int, text_dim: int, downsample: int = 3, cmap_dim: int = 64):
         super().__init__()
         self.cmap_dim = cmap_dim
-        self.main = _trunk(channels)
+        self.main = _trunk(channels, downsample)
         self.cls = _sn_conv(channels, cmap_dim, 1)
-        self.refmapper = nn.Sequential(_trunk(channels), _sn_conv(channels, cmap_dim, 1))
-        self.cmapper = nn.Linear(text_dim, cmap_dim)
+        self.cmapper = FullyConnected(text_dim, cmap_dim)
+        self.refmapper = nn.Sequential(*_trunk(channels, downsample), _sn_conv(channels, cmap_dim, 1))
 
     def forward(self, feat_BCHW, text_BP, ref_BCHW):
         out = self.cls(self.main(feat_BCHW))
@@ -134,9 +232,17 @@ class DiscriminatorHead(nn.Module):
         return (out * cond).sum(1) / math.sqrt(self.cmap_dim)  # [B, h, w]
 
 
+def head_param_count(channels: int, text_dim: int, downsample: int = 3, cmap_dim: int = 64) -> int:
+    """Parameters of one DiscriminatorHead (for the memory plan): two trunks of (19 + 9 d) C^2 + (9 + d) C,
+    the 1 x 1 projections to cmap_dim and the text mapper. 96.6 M per head at C = 1024, d = 3."""
+    c = channels
+    trunk = (19 + 9 * downsample) * c * c + (9 + downsample) * c
+    return 2 * trunk + 2 * (c * cmap_dim + cmap_dim) + text_dim * cmap_dim + cmap_dim
+
+
 class VFMDiscriminator(nn.Module):
-    def __init__(self, dinov2: nn.Module, feature_layers: list[int], text_dim: int, image_size: int,
-                 compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, dinov2: nn.Module, feature_layers: list[int], text_dim: int, image_size: int | None = None,
+                 patch_features: bool = True, downsample: int = 3, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         # bf16 runs DINOv2 and the heads under autocast (weights and AdamW states stay fp32)
         self.compute_dtype = compute_dtype
@@ -146,21 +252,25 @@ class VFMDiscriminator(nn.Module):
         if bad:
             raise ValueError(f"discriminator.feature_layers {bad} are outside the DINOv2's {n} blocks.")
         self.feature_layers = list(feature_layers)
+        self.patch_features = patch_features
         self.image_size = image_size
+        self.patch = dinov2.config.patch_size
         c = dinov2.config.hidden_size
-        self.heads = nn.ModuleList(DiscriminatorHead(c, text_dim) for _ in self.feature_layers)
+        # the authors' ModuleDict order: one head per hooked block, then the patch embedding's
+        num_maps = len(self.feature_layers) + int(patch_features)
+        self.heads = nn.ModuleList(DiscriminatorHead(c, text_dim, downsample) for _ in range(num_maps))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
-        # Always eval: the backbone is frozen, and spectral norm must not advance its
-        # power iteration on every forward (ranks run different numbers of forwards,
-        # e.g. only the last pipeline stage evaluates the GAN term); see advance_spectral_norm.
+        # Always eval: the backbone is frozen, and spectral norm must not advance its power
+        # iteration on every forward (ranks run different numbers of forwards, e.g. only the
+        # last pipeline stage evaluates the GAN term); see advance_spectral_norm.
         return super().train(False)
 
     @torch.no_grad()
     def advance_spectral_norm(self):
-        """One power iteration of every spectral-normalised weight; once per discriminator update, on all ranks."""
+        """One power iteration of every spectral-normalised weight (on all ranks alike)."""
         from torch.nn.utils import parametrize
 
         for m in self.heads.modules():
@@ -174,28 +284,52 @@ class VFMDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    def _position(self, h: int, w: int) -> torch.Tensor:
+        """DINOv2's position embedding resized bilinearly to an h x w grid (their _resize_pos_embed)."""
+        pos = self.dinov2.embeddings.position_embeddings
+        cls_pos, grid = pos[:, :1], pos[0, 1:]
+        side = int(math.sqrt(grid.shape[0]))
+        grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bilinear", align_corners=False).to(pos.dtype)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
     def features(self, images_BCHW: torch.Tensor) -> list[torch.Tensor]:
-        """DINOv2 token maps of images in [-1, 1] (1 or 3 channels) at each hooked block."""
+        """DINOv2 taps of images in [-1, 1] (1 or 3 channels): block maps in order, then the patch embedding."""
         x = images_BCHW
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std
-        x = x.to(next(self.dinov2.parameters()).dtype)
-        hidden = self.dinov2(pixel_values=x, output_hidden_states=True).hidden_states
-        side = self.image_size // self.dinov2.config.patch_size
+        x = (x.float() + 1) / 2
+        if self.image_size is not None and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
+        x = (x - self.mean) / self.std
+        emb = self.dinov2.embeddings
+        x = x.to(emb.patch_embeddings.projection.weight.dtype)
+        tokens = emb.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        hidden = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self._position(h, w)
+        taps = {"patch": hidden}
+        for i, layer in enumerate(self.dinov2.encoder.layer[: max(self.feature_layers) + 1]):
+            if torch.is_grad_enabled():  # the generator's term backpropagates through every block
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False)
+            else:
+                hidden = layer(hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4 returns a tuple
+            if i in self.feature_layers:
+                taps[i] = hidden
+        order = self.feature_layers + (["patch"] if self.patch_features else [])
         maps = []
-        for i in self.feature_layers:
-            tokens = hidden[i + 1][:, 1:]  # hidden_states[0] is the embedding; drop CLS
-            maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side).float())
+        for key in order:
+            t = taps[key]
+            t = t[:, 1:] + t[:, :1]  # the CLS token added to every patch token
+            maps.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w).float())
         return maps
 
-    def forward(self, images_BCHW, text_BP, ref_maps: list[torch.Tensor]) -> torch.Tensor:
-        """Logit per sample: mean over heads and locations."""
+    def forward(self, images_BCHW, text_BC, ref_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, N]: every head's locations, concatenated (their `torch.cat(logits, dim=1)`)."""
         with self._autocast(images_BCHW):
             maps = self.features(images_BCHW)
-            logits = [head(f, text_BP.float(), r) for head, f, r in zip(self.heads, maps, ref_maps)]
-        return torch.stack([lg.float().mean(dim=(1, 2)) for lg in logits]).mean(0)
+            logits = [head(f, text_BC.float(), r) for head, f, r in zip(self.heads, maps, ref_maps)]
+        return torch.cat([lg.float().flatten(1) for lg in logits], dim=1)
 
     def reference_maps(self, images_BCHW) -> list[torch.Tensor]:
         """Features of the paired real images, at the discriminator's precision."""
@@ -218,8 +352,12 @@ class DiscriminatorRole:
     name = "discriminator"
 
     def __init__(self, net: VFMDiscriminator, codec: nn.Module, optimizer: torch.optim.Optimizer, augment: DiffAugment,
-                 clip_grad: float = 1.0):
+                 text: TextCondition, clip_grad: float = 1.0, warmup_steps: int = 0):
         self.net, self.codec, self.optimizer, self.augment, self.clip_grad = net, codec, optimizer, augment, clip_grad
+        self.text = text
+        # stepped every iteration like the DiT roles' schedules (the authors' d_lr_scheduler, F947)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: min(1.0, it / warmup_steps) if warmup_steps else 1.0)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,6 +372,9 @@ class DiscriminatorRole:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def step_schedule(self) -> None:
+        self.scheduler.step()
+
     # checkpoint part: the heads and AdamW state, replicated, so rank 0 writes them and every rank
     # reads them back (weights_only: a checkpoint file is data, never code)
     FILE = "discriminator.pt"
@@ -242,14 +383,15 @@ class DiscriminatorRole:
         import torch.distributed as dist
 
         if dist.get_rank() == 0:
-            torch.save({"heads": self.net.heads.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       step_dir / self.FILE)
+            torch.save({"heads": self.net.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, step_dir / self.FILE)
 
     def load_state(self, step_dir) -> None:
         device = next(self.net.heads.parameters()).device
         d = torch.load(step_dir / self.FILE, map_location=device, weights_only=True)
         self.net.heads.load_state_dict(d["heads"])
         self.optimizer.load_state_dict(d["optimizer"])
+        self.scheduler.load_state_dict(d["scheduler"])
 
 
 def _mean_grads_over_dp(params: list[torch.Tensor]) -> None:

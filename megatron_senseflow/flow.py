@@ -75,3 +75,49 @@ def uniform(u_B: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def teacher_sigmas(num_steps: int, m: float) -> list[float]:
     """Many-step Euler schedule of the teacher: shift(linspace(1, 0, N + 1))."""
     return [float(shift(1 - k / num_steps, m)) for k in range(num_steps + 1)]
+
+
+# --------------------------------------------------------------------------- the authors' timestep laws
+#
+# The reference trainers draw noise levels through diffusers' FlowMatchEulerDiscreteScheduler
+# with 1000 training steps, whose table (before set_timesteps) is
+#   sigmas[i] = shift((1000 - i) / 1000, m),  i = 0..999     (FLUX.1-dev's config: dynamic shifting, so m = 1)
+# and index it in two ways: `scheduler.sigmas[(u * 1000).long()]` for a logit-normal u, and a flipped
+# copy `flip(sigmas)[t] = shift((t + 1) / 1000, m)` for an integer t. Both are reproduced here.
+
+TABLE_STEPS = 1000
+
+
+def table_sigma(t, m: float):
+    """The flipped scheduler table at integer index t: shift((t + 1) / 1000, m) (SD3.5 trainer: self.sigmas[t])."""
+    return shift((t + 1) / TABLE_STEPS, m)
+
+
+def logit_normal_table(z_B: torch.Tensor, mean: float, std: float, m: float) -> torch.Tensor:
+    """diffusers' `timesteps[(u * 1000).long()]` for u = sigmoid(mean + std z): sigma = shift(1 - floor(1000 u) / 1000, m)."""
+    i = torch.floor(torch.sigmoid(z_B * std + mean) * TABLE_STEPS).clamp(0, TABLE_STEPS - 1)
+    return shift((TABLE_STEPS - i) / TABLE_STEPS, m)
+
+
+def uniform_index(u_B: torch.Tensor, lo: int, hi: int, m: float) -> torch.Tensor:
+    """An integer t uniform in [lo, hi] (both ends included), then the flipped table: shift((t + 1) / 1000, m)."""
+    t = lo + torch.floor(u_B * (hi - lo + 1)).clamp(max=hi - lo)
+    return table_sigma(t, m)
+
+
+def anchor_index(position: float) -> int:
+    """The SD3.5 trainer's integer step of an unshifted anchor position s = 1 - k/K (999, 749, 499, 249 for K = 4)."""
+    return round(TABLE_STEPS * position) - 1
+
+
+def isg_sigma_grid_bounds(tau: float, tau_next: float, margin: int) -> tuple[int, int]:
+    """FLUX ISG (trainer line F724): integer t_mid in [ceil(1000 tau_next + margin), floor(1000 tau - margin)]."""
+    return math.ceil(TABLE_STEPS * tau_next + margin), math.floor(TABLE_STEPS * tau - margin)
+
+
+def isg_index_grid_bounds(position: float, next_position: float | None, margin: int) -> tuple[int, int]:
+    """SD3.5 ISG (S677-679): integer index t_mid in [t_next + margin, t - margin] on the flipped table, where the
+    last segment ends at index 0 (sigma = shift(0.001), not 0: the authors' table has no zero)."""
+    t = anchor_index(position)
+    t_next = anchor_index(next_position) if next_position is not None else 0
+    return t_next + margin, t - margin

@@ -37,49 +37,62 @@ def isg_loss(x_g: torch.Tensor, x_tar: torch.Tensor, c: float) -> torch.Tensor:
     return pseudo_huber(x_g, x_tar.detach(), c)
 
 
-def flow_matching_loss(v_pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Fake-score (and teacher) loss: mse(v, eps - x0) with x0 = sg(x0_hat)."""
-    return F.mse_loss(v_pred.float(), (eps - x0).detach().float())
+def flow_matching_loss(v_pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Fake-score loss on target eps - sg(x0_hat): the mean over every element (SenseFlow: the authors'
+    weighting is 1 for logit-normal sampling), or each sample's sum of squares averaged over samples (SiD-DiT)."""
+    err = (v_pred.float() - (eps - x0).detach().float()).square()
+    if reduction == "sum":
+        return err.flatten(1).sum(1).mean()
+    return err.mean()
 
 
-def gan_generator_loss(logits_B: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
-    """-w(sigma_in) * D(fake), averaged over the batch."""
-    return -(weight_B.float() * logits_B.float()).mean()
+def gan_generator_loss(logits_BN: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
+    """-w(tau) * D(fake), D's logits averaged over every head's locations per sample (V124 keepdim), then
+    over the batch."""
+    return -(weight_B.float() * logits_BN.float().flatten(1).mean(1)).mean()
 
 
-def gan_weight(sigma_in_B: torch.Tensor, power: float) -> torch.Tensor:
-    """Zero at pure noise, growing toward clean inputs: (1 - sigma)^power (authors: power 2 for FLUX)."""
-    return (1 - sigma_in_B).clamp_min(0) ** power
+def hinge_d_terms(real_BN: torch.Tensor, fake_BN: torch.Tensor, weight_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discriminator's hinge per location, each sample's mean times w(tau), averaged (F976-985):
+    (mean_b w_b mean_n relu(1 - real_bn), mean_b w_b mean_n relu(1 + fake_bn))."""
+    w = weight_B.float()
+    real = (w * F.relu(1 - real_BN.float()).flatten(1).mean(1)).mean()
+    fake = (w * F.relu(1 + fake_BN.float()).flatten(1).mean(1)).mean()
+    return real, fake
 
 
-def hinge_d_loss(real_logits_B: torch.Tensor, fake_logits_B: torch.Tensor) -> torch.Tensor:
-    return F.relu(1 - real_logits_B.float()).mean() + F.relu(1 + fake_logits_B.float()).mean()
-
-
-def sid_weight(t_B: torch.Tensor, kind: str) -> torch.Tensor:
-    t = t_B.float().clamp(1e-4, 1 - 1e-4)
-    if kind == "one_minus_t":
-        return 1 - t
-    if kind == "one_minus_t_sq":
-        return (1 - t) ** 2
-    if kind == "inv_t":
-        return 1 / t
+def sid_weight(sigma_B: torch.Tensor, kind: str, x_g: torch.Tensor | None = None,
+               y_real: torch.Tensor | None = None) -> torch.Tensor:
+    """SiD-DiT's weighting schemes (no gradient), per sample; denominators clipped at 1e-5 as theirs."""
+    s = sigma_B.detach().float()
+    if kind == "one_minus_sigma":
+        return 1 - s
+    if kind == "one_minus_sigma_sq":
+        return (1 - s) ** 2
+    if kind == "inv_sigma":
+        return 1 / s.clamp_min(1e-5)
+    if kind == "inv_sigma_sq":
+        return 1 / (s**2).clamp_min(1e-5)
     if kind == "snr":
-        return ((1 - t) / t) ** 2
+        return 1 / ((s / (1 - s)) ** 2).clamp_min(1e-5)
+    if kind == "snr_sqrt":
+        return 1 / (s / (1 - s)).clamp_min(1e-5)
+    if kind == "legacy":  # the original SiD: 1 / mean|x_g - y_real|
+        return 1 / (x_g.detach().float() - y_real.detach().float()).abs().flatten(1).mean(1).clamp_min(1e-5)
     raise ValueError(f"unknown SiD weighting {kind!r}")
 
 
-def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, w_B: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SiD generator loss w(t) (y_real - y_fake) . ((y_real - x_g) - alpha (y_real - y_fake)).
+def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, w_B: torch.Tensor, alpha: float,
+             scale: float = 1.0) -> torch.Tensor:
+    """SiD generator loss, scale * mean_b w_b sum_chw (y_r - y_f) ((y_r - x_g) - alpha (y_r - y_f)).
 
-    y_real / y_fake are the teacher's and fake score's x0 predictions at x_t and
-    enter with stop-gradient (the gradient reaches the generator through x_g);
-    the dot product is a per-element mean, weighted per sample.
+    Differentiable in all three tensors: SiD's gradient flows through x_g directly and through the teacher
+    and the fake score that produced y_real and y_fake from x_t (their input), not through stop-gradients.
     """
-    yr, yf = y_real.detach().float(), y_fake.detach().float()
+    yr, yf, xg = y_real.float(), y_fake.float(), x_g.float()
     diff = yr - yf
-    per = (diff * ((yr - x_g.float()) - alpha * diff)).mean(dim=tuple(range(1, x_g.ndim)))
-    return (w_B.float() * per).mean()
+    per = (diff * ((yr - xg) - alpha * diff)).flatten(1).sum(1)
+    return scale * (w_B.float() * per).mean()
 
 
 def weighted_mean(values_B: torch.Tensor, w_B: torch.Tensor) -> torch.Tensor:
@@ -98,8 +111,7 @@ __all__ = [
     "isg_loss",
     "flow_matching_loss",
     "gan_generator_loss",
-    "gan_weight",
-    "hinge_d_loss",
+    "hinge_d_terms",
     "sid_weight",
     "sid_loss",
 ]

@@ -116,6 +116,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     from megatron_senseflow.models.configs import FluxArch
     from megatron_senseflow.models.flops import image_tokens, param_count
 
+    from .discriminator import CLIP_L_DIM, head_param_count
+
     p = cfg.parallel
     world = nodes * gpus_per_node
     dp = world // (p.tp * p.pp)
@@ -163,14 +165,16 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         roles.append(r)
 
     dc = cfg.roles.discriminator
-    if dc.enabled and cfg.method != "sid" and not cfg.model.preset.startswith("tiny"):
+    if cfg.wants_discriminator() and not cfg.model.preset.startswith("tiny"):
         v = DINOV2_VITL
-        heads = len(dc.feature_layers) * 4 * v["hidden"] ** 2  # conv trunks and maps, an upper estimate
+        num_heads = len(dc.feature_layers) + int(dc.patch_features)
+        text_dim = CLIP_L_DIM if dc.text_condition == "clip_l" else t_arch.pooled_projection_dim
+        heads = num_heads * head_param_count(v["hidden"], text_dim, dc.head_downsample)
         d_elem = 2 if dc.precision == "bf16" else 4
         # DINOv2 loads in fp32 (autocast for bf16); the VAE is loaded in D's precision
         d = RoleMemory("discriminator", v["params"] + VAE_DECODER_PARAMS + heads,
                        v["params"] * 4 + VAE_DECODER_PARAMS * d_elem + heads * 4, grads=heads * 4, optimizer=heads * 8)
-        n_tok = (dc.image_size // v["patch"]) ** 2 + 1
+        n_tok = ((dc.image_size or cfg.data.resolution) // v["patch"]) ** 2 + 1
         dino = ACT_PER_TOKEN_HIDDEN * n_tok * v["hidden"] * v["layers"] * d_elem / 2 * mb
         vae = VAE_DECODER_ELEMS_1024 * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
         d.activations = dino + vae

@@ -110,6 +110,50 @@ class Role:
         v = torch.cat(outs) if outs else torch.empty_like(x)
         return _from_last_stage(v)
 
+    # ------------------------------------------------------------------ differentiable in the input
+    def forward_differentiable(self, x, sigma, text, pooled, guidance=None) -> torch.Tensor:
+        """Velocity that autograd differentiates with respect to `x`, not the weights (SiD's generator loss
+        backpropagates through the teacher and the fake score into G's output). The caller keeps this
+        role's weights frozen (`frozen(role.module)`) until its backward has run.
+
+        PP = 1: a plain graph through the model. PP > 1: the value comes from the forward-only pipeline, and
+        the backward runs megatron's forward-backward schedule again with the incoming gradient as the
+        loss (one more forward), the first stage's input as a leaf; its gradient is broadcast over the
+        pipeline group, so every rank gets d/dx as if the model were whole.
+        """
+        if self.pp == 1:
+            self.forward_calls += 1
+            self.backward_calls += 1
+            with torch.enable_grad():
+                out = self.module(**self.denoiser.kwargs(x, sigma, text, pooled, guidance))
+            return self.denoiser.velocity(out, x)
+        return _PipelineVelocity.apply(self, x, sigma, text, pooled, guidance)
+
+    def input_grad(self, x, sigma, text, pooled, guidance, grad_v: torch.Tensor) -> torch.Tensor:
+        """J^T grad_v for the velocity's Jacobian J with respect to x, through the pipeline (PP > 1)."""
+        self.forward_calls += 1
+        self.backward_calls += 1
+        m = self.num_microbatches
+        leaves: list[torch.Tensor] = []
+
+        def make_input(sl):
+            leaf = x[sl].detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf
+
+        def loss_fn(v, sl):
+            # the schedule divides a microbatch's loss by m; the sum over microbatches is then <v, grad_v>
+            return (v * grad_v[sl]).sum() * m, {}
+
+        self._schedule(x, sigma, text, pooled, guidance, loss_fn, forward_only=False, model=self.module,
+                       make_input=make_input)
+        if ps.is_pipeline_first_stage():
+            g = torch.cat([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves])
+        else:
+            g = torch.empty_like(x)
+        dist.broadcast(g, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
+        return g
+
     # ------------------------------------------------------------------ with grad
     def loss_backward(self, x, sigma, text, pooled, guidance, loss_fn: LossFn) -> dict[str, float]:
         """Accumulate this role's grads of loss_fn; returns the loss terms (batch means) on every rank."""
@@ -123,7 +167,8 @@ class Role:
         stats = self._schedule(x, sigma, text, pooled, guidance, loss_fn, forward_only=False)
         return _objects_from_last_stage(stats)
 
-    def _schedule(self, x, sigma, text, pooled, guidance, loss_fn: LossFn, forward_only: bool):
+    def _schedule(self, x, sigma, text, pooled, guidance, loss_fn: LossFn, forward_only: bool, model=None,
+                  make_input=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b, m = x.shape[0], self.num_microbatches
@@ -135,7 +180,8 @@ class Role:
         def forward_step(it, model):
             sl = next(it)
             g = guidance[sl] if guidance is not None else None
-            out = model(**self.denoiser.kwargs(x[sl], sigma[sl], text[sl], pooled[sl], g))
+            x_in = make_input(sl) if make_input is not None else x[sl]
+            out = model(**self.denoiser.kwargs(x_in, sigma[sl], text[sl], pooled[sl], g))
 
             def on_last_stage(o):
                 loss, logs = loss_fn(self.denoiser.velocity(o, x[sl]), sl)
@@ -147,7 +193,7 @@ class Role:
         results = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(slices),
-            model=[self.model],
+            model=[model if model is not None else self.model],
             num_microbatches=m,
             seq_length=self.denoiser.seq_length(x, text),
             micro_batch_size=mbs,
@@ -165,14 +211,17 @@ class Role:
         self.optimizer.zero_grad()
 
     def step(self) -> tuple[bool, float]:
-        """Reduce grads (DP, TP-replicated norms, PP-replicated embedders), clip, AdamW, LR schedule."""
+        """Reduce grads (DP, TP-replicated norms, PP-replicated embedders), clip, AdamW."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp])
         ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
         return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def step_schedule(self) -> None:
+        """Advance the LR schedule by one iteration, whether or not this role updated in it (the authors
+        step every schedule every iteration, F947: warm-up counts iterations)."""
+        self.scheduler.step(increment=1)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -202,6 +251,40 @@ class Role:
         load_model(self.module, self.arch, step_dir / self.name)
         load_optimizer(self.module, self.optimizer, str(step_dir / f"{self.name}_optim"))
         self.scheduler.load_state_dict(json.loads((step_dir / f"{self.name}_scheduler.json").read_text()))
+
+
+class _PipelineVelocity(torch.autograd.Function):
+    """Role velocity under PP, differentiable in x: forward through the forward-only pipeline, backward
+    through `Role.input_grad` (collective: every rank of the model-parallel group runs it)."""
+
+    @staticmethod
+    def forward(ctx, role, x, sigma, text, pooled, guidance):
+        ctx.role = role
+        ctx.save_for_backward(x, sigma, text, pooled, *([guidance] if guidance is not None else []))
+        return role.forward(x, sigma, text, pooled, guidance)
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        x, sigma, text, pooled, *g = ctx.saved_tensors
+        gx = ctx.role.input_grad(x, sigma, text, pooled, g[0] if g else None, grad_v.contiguous())
+        return None, gx, None, None, None, None
+
+
+class frozen:
+    """Weights that take no gradient for a while (the generator's terms differentiate through the fake
+    score and the discriminator heads without writing their grads)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+        return False
 
 
 def _from_last_stage(t: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""`senseflow train CONFIG [overrides...] [--nproc N]`.
+"""`senseflow train CONFIG [overrides...] [--nproc N] [--dry-run [--json]]`.
 
 One process per GPU. Under torchrun or srun the launcher's variables are
 used; `--nproc N` starts N local processes through torch.distributed.run
 (CPU runs use gloo). Rerunning the same command with the same
-train.output_dir resumes from its latest checkpoint.
+train.output_dir resumes from its latest checkpoint. `--dry-run` prints the
+recipe card (recipe_card.py) and starts nothing. Options and overrides may
+come in any order.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="recipe YAML path or bundled recipe name (tiny, flux_dev, sd35_large, sd35_medium)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.max_steps=100")
     p.add_argument("--nproc", type=int, default=1, help="local processes to start (ignored under torchrun/srun)")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and print its card; train nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the card as one JSON object")
+    p.parse_args = p.parse_intermixed_args  # type: ignore[method-assign]  (overrides after options too)
 
 
 def _launched() -> bool:
@@ -50,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes
+    if args.dry_run:
+        from .recipe_card import print_card
+
+        return print_card(cfg, args.nproc if args.nproc > 1 else None, args.json)
     if args.nproc > 1 and not _launched():
         cfg.validate(world_size=args.nproc)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",

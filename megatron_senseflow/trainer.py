@@ -26,7 +26,14 @@ from .checkpoint import DONE_MARKER, CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
-from .discriminator import DiffAugment, DiscriminatorRole, VFMDiscriminator, build_dinov2
+from .discriminator import (
+    DiffAugment,
+    DiscriminatorRole,
+    TextCondition,
+    VFMDiscriminator,
+    build_dinov2,
+    clip_text_projection,
+)
 from .distributed import DistEnv
 from .methods import OBJECTIVES
 from .monitor import Monitor, device_peak_tflops, image_grid
@@ -94,7 +101,7 @@ class Trainer:
 
         self.global_batch = self.local_batch * env.dp
         method = OBJECTIVES[c.method]
-        self.D = self._build_discriminator() if method.wants_discriminator(c) else None
+        self.D = self._build_discriminator() if c.wants_discriminator() else None
         self.taus = flow.anchors(c.distill.num_steps, c.distill.shift or flow.default_shift(self.t_arch.family, self.num_img))
         self.roles = Roles(self.G, self.F, self.T, self.D, ema)
         self.objective = method(c, self.roles, self.taus, env, self._guarded_update, force_two_pass)
@@ -131,18 +138,23 @@ class Trainer:
 
     def _build_discriminator(self) -> DiscriminatorRole:
         dc = self.cfg.roles.discriminator
+        size = dc.image_size or self.cfg.data.resolution
+        projection = None
+        if dc.text_condition == "clip_l" and self.t_arch.family == "flux":
+            projection = clip_text_projection(dc.clip).to(self.dev)
+        text = TextCondition(dc.text_condition, self.t_arch.family, self.t_arch.pooled_projection_dim, projection)
         # every rank holds the same replicated discriminator: its init must not depend on
         # how much of the global RNG stream each rank's model stage consumed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
-            dinov2 = build_dinov2(dc.dinov2, dc.image_size, max(dc.feature_layers) + 1)
-            net = VFMDiscriminator(dinov2, dc.feature_layers, self.t_arch.pooled_projection_dim, dc.image_size,
-                                   torch.bfloat16 if dc.precision == "bf16" else torch.float32)
+            dinov2 = build_dinov2(dc.dinov2, max(dc.feature_layers) + 1, size)
+            net = VFMDiscriminator(dinov2, dc.feature_layers, text.dim, dc.image_size, dc.patch_features,
+                                   dc.head_downsample, torch.bfloat16 if dc.precision == "bf16" else torch.float32)
         net = net.to(self.dev).eval()
         o = dc.optimizer
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
-        return DiscriminatorRole(net, self.codec, opt, DiffAugment(dc.diffaug), o.clip_grad)
+        return DiscriminatorRole(net, self.codec, opt, DiffAugment(dc.diffaug), text, o.clip_grad, o.warmup_steps)
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -271,8 +283,9 @@ class Trainer:
         noise = torch.randn(text.shape[0], self.latent_channels, self.latent_side, self.latent_side,
                             generator=g, device=self.dev)
         rows = []
+        guide = self.objective.student_guidance(text)
         for mode in ("stochastic", "euler"):
-            x0 = sample_student(lambda x, s: self.G.forward(x, s, text, pooled, None), noise, self.taus, mode, g)
+            x0 = sample_student(lambda x, s: self.G.forward(x, s, text, pooled, guide), noise, self.taus, mode, g)
             rows.append(self.codec.decode(x0.float()))
         self.monitor.images(self.step, "samples/stochastic_top_euler_bottom", image_grid(torch.cat(rows), text.shape[0]))
 

@@ -57,35 +57,50 @@ def test_pseudo_huber_by_hand():
 
 def test_flow_matching_loss_by_hand():
     v, eps, x0 = torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]])
-    # target eps - x0 = [1, -1]; errors [0, 2]
+    # target eps - x0 = [1, -1]; errors [0, 2]: mean over elements (SenseFlow), per-sample sum (SiD-DiT)
     assert losses.flow_matching_loss(v, eps, x0).item() == pytest.approx(2.0)
+    assert losses.flow_matching_loss(v, eps, x0, "sum").item() == pytest.approx(4.0)
 
 
-def test_gan_terms_by_hand():
-    w = losses.gan_weight(torch.tensor([1.0, 0.5, 0.0]), 2.0)
-    assert w.tolist() == [0.0, 0.25, 1.0]  # zero at pure noise
-    logits = torch.tensor([2.0, -1.0, 3.0])
-    assert losses.gan_generator_loss(logits, w).item() == pytest.approx(-(0 + -0.25 + 3) / 3)
-    real, fake = torch.tensor([0.5, 2.0]), torch.tensor([-2.0, 0.5])
-    assert losses.hinge_d_loss(real, fake).item() == pytest.approx((0.5 + 0) / 2 + (0 + 1.5) / 2)
+def test_gan_terms_are_the_authors_per_location_hinge_times_the_time_weight():
+    """GANLoss(hinge) with keepdim=True (their vfmgan.py): the generator's -mean over locations, the
+    discriminator's relu(1 -/+ logit) mean over locations; each per sample times timew, then the batch mean."""
+    torch.manual_seed(0)
+    real, fake = torch.randn(3, 7), torch.randn(3, 7)
+    timew = torch.tensor([0.0, 0.25, 1.0])
+    l_d_real = torch.mean(torch.relu(1 + -real).mean(dim=1) * timew)
+    l_d_fake = torch.mean(torch.relu(1 + fake).mean(dim=1) * timew)
+    got_real, got_fake = losses.hinge_d_terms(real, fake, timew)
+    assert got_real.item() == pytest.approx(l_d_real.item()) and got_fake.item() == pytest.approx(l_d_fake.item())
+    # hinge per location differs from hinge of the mean logit (what this project did before)
+    mean_hinge = torch.relu(1 - real.mean(1)).mul(timew).mean()
+    assert abs(mean_hinge.item() - l_d_real.item()) > 1e-3
+    l_g_gan = (-fake.mean(dim=1) * timew).mean()
+    assert losses.gan_generator_loss(fake, timew).item() == pytest.approx(l_g_gan.item())
 
 
 def test_sid_loss_by_hand():
-    xg = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    yr, yf = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 3.0]])
-    w = torch.tensor([0.5])
-    diff = yr - yf  # [1, -2]
-    inner = (yr - xg.detach()) - 1.0 * diff  # [1-1, 1+2] = [0, 3]
-    want = 0.5 * (diff * inner).mean()
-    loss = losses.sid_loss(xg, yr, yf, w, alpha=1.0)
-    assert loss.item() == pytest.approx(want.item())
-    loss.backward()
-    assert torch.allclose(xg.grad, -0.5 * diff / 2)
-    t = torch.tensor([0.25])
-    assert losses.sid_weight(t, "one_minus_t").item() == pytest.approx(0.75)
-    assert losses.sid_weight(t, "one_minus_t_sq").item() == pytest.approx(0.5625)
-    assert losses.sid_weight(t, "inv_t").item() == pytest.approx(4.0)
-    assert losses.sid_weight(t, "snr").item() == pytest.approx(9.0)
+    """SiD-DiT: loss = (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) * w, summed, times lsg / batch."""
+    xg = torch.tensor([[1.0, 0.0], [0.5, 2.0]], requires_grad=True)
+    yr = torch.tensor([[2.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    yf = torch.tensor([[1.0, 3.0], [1.0, 1.0]], requires_grad=True)
+    w = torch.tensor([0.5, 0.25])
+    alpha, lsg = 1.2, 100.0
+    ref = ((yr - yf) * ((yr - xg) - alpha * (yr - yf)) * w[:, None]).sum() * lsg / 2
+    ref_grads = torch.autograd.grad(ref, (xg, yr, yf))
+    loss = losses.sid_loss(xg, yr, yf, w, alpha, lsg)
+    assert loss.item() == pytest.approx(ref.item())
+    for got, want in zip(torch.autograd.grad(loss, (xg, yr, yf)), ref_grads):
+        assert torch.allclose(got, want)  # differentiable in y_r and y_f too: no stop-gradient
+    s = torch.tensor([0.25])
+    x, y = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])
+    assert losses.sid_weight(s, "one_minus_sigma").item() == pytest.approx(0.75)
+    assert losses.sid_weight(s, "one_minus_sigma_sq").item() == pytest.approx(0.5625)
+    assert losses.sid_weight(s, "inv_sigma").item() == pytest.approx(4.0)
+    assert losses.sid_weight(s, "inv_sigma_sq").item() == pytest.approx(16.0)
+    assert losses.sid_weight(s, "snr").item() == pytest.approx(9.0)
+    assert losses.sid_weight(s, "snr_sqrt").item() == pytest.approx(3.0)
+    assert losses.sid_weight(s, "legacy", x, y).item() == pytest.approx(1 / 1.5)  # 1 / mean|x_g - y_real|
 
 
 def _linear_velocity(a: float):

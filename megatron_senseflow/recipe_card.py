@@ -1,0 +1,162 @@
+"""`senseflow train RECIPE --dry-run [--json]`: what a recipe will do, before a GPU is queued.
+
+Builds and checks everything that needs no weights (the config, the layout,
+the objective's anchors, laws and weights with the same code the trainer runs,
+the memory plan), then prints a card: student anchors; quantiles of the DMD,
+fake-score and ISG noise levels; the GAN weight at each anchor; the guidance
+laws; TTUR, IDA, loss weights and warm-up; the layout and the memory plan's
+per-GPU total. Paths a real run still needs are listed, not fatal.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+DRAWS = 200_000  # enough for every quantile to sit on its 1/1000 grid step
+
+
+class _Draws:
+    """What methods.draw_sigma asks of a random source, for many draws at once."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.n = n
+
+    def rand(self):
+        return torch.rand(self.n, generator=self.g, dtype=torch.float64)
+
+    def randn(self):
+        return torch.randn(self.n, generator=self.g, dtype=torch.float64)
+
+
+def law_quantiles(law) -> list[float]:
+    from .methods import draw_sigma
+
+    sigma = draw_sigma(law, _Draws(DRAWS)).float()
+    return [round(float(q), 4) for q in torch.quantile(sigma, torch.tensor(QUANTILES))]
+
+
+def recipe_card(cfg, world: int | None = None) -> dict:
+    """The card as a dict (JSON-ready). Raises ConfigError for what cannot run."""
+    from . import flow
+    from .codec import codec_factor
+    from .memory_plan import plan
+    from .methods import OBJECTIVES, gan_weights, isg_grid, isg_sigma
+    from .models.flops import image_tokens
+
+    p, d = cfg.parallel, cfg.distill
+    world = world or p.tp * p.pp
+    cfg.validate(world_size=world)
+    arch = cfg.model.teacher_arch()
+    vae = cfg.roles.discriminator.vae
+    # a real run decodes with its pipeline's VAE (8x for FLUX and SD3.x) even when the path is still missing
+    factor = codec_factor(vae, arch.latent_channels) if vae or cfg.model.preset.startswith("tiny") else 8
+    side = cfg.data.resolution // factor
+    shift = d.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
+    taus = flow.anchors(d.num_steps, shift)
+    positions = [1 - i / d.num_steps for i in range(d.num_steps)]
+    method = OBJECTIVES[cfg.method]
+    card: dict = {
+        "recipe": cfg.model.preset,
+        "method": cfg.method,
+        "anchors": [round(t, 4) for t in taus],
+        "anchor_shift": round(float(shift), 4),
+        "backward_sim_prob": d.backward_sim_prob,
+        "anchor_draw": d.anchor_draw,
+        "dmd_sigma_law": _law(d.dmd_timesteps),
+        "dmd_sigma_quantiles": law_quantiles(d.dmd_timesteps),
+        "fake_sigma_law": _law(d.fake_timesteps),
+        "fake_sigma_quantiles": law_quantiles(d.fake_timesteps),
+        "guidance_mode": d.guidance_mode,
+        "dmd_guidance": list(d.dmd_guidance),
+        "fake_guidance": d.fake_guidance,
+        "ttur": d.ttur,
+        "loss_weights": {"dmd" if cfg.method != "sid" else "sid": d.dmd_weight},
+    }
+    if method.use_isg:
+        grid = isg_grid(cfg, taus, positions)
+        card["isg_t_mid_ranges"] = [[round(float(isg_sigma(cfg, torch.tensor(float(lo)))), 4),
+                                     round(float(isg_sigma(cfg, torch.tensor(float(hi)))), 4)] for lo, hi, _ in grid]
+        card["isg_segment_ends"] = [round(end, 4) for _, _, end in grid]
+        card["isg_guidance"] = list(d.isg_guidance)
+        card["loss_weights"]["isg"] = d.isg_weight
+    if method.use_ida:
+        card["ida_lambda"] = d.ida_lambda
+    if cfg.wants_discriminator():
+        card["gan_weight_at_anchors"] = [round(w, 4) for w in gan_weights(cfg, taus, positions)]
+        card["loss_weights"]["gan"] = d.gan_weight
+        dc = cfg.roles.discriminator
+        card["discriminator"] = {"maps": len(dc.feature_layers) + int(dc.patch_features),
+                                 "image_size": dc.image_size or cfg.data.resolution,
+                                 "text_condition": dc.text_condition}
+    if cfg.method == "sid":
+        card["sid"] = {"alpha": d.sid_alpha, "weighting": d.sid_weighting, "loss_scale": d.sid_loss_scale}
+    roles = {"generator": cfg.roles.generator.optimizer, "fake_score": cfg.roles.fake_score.optimizer}
+    if cfg.wants_discriminator():
+        roles["discriminator"] = cfg.roles.discriminator.optimizer
+    card["optimizers"] = {k: {"lr": o.lr, "betas": list(o.betas), "warmup_iterations": o.warmup_steps,
+                              "clip_grad": o.clip_grad} for k, o in roles.items()}
+    card["layout"] = {"world": world, "tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp),
+                      "micro_batch_size": cfg.data.micro_batch_size, "resolution": cfg.data.resolution}
+    pl = plan(cfg, 1, world, 80.0)
+    card["memory_plan_gb_per_gpu"] = round(pl.total / 1e9, 1)
+    card["missing"] = cfg.missing_assets()
+    return card
+
+
+def _law(law) -> str:
+    if law.kind == "uniform_index":
+        s = f"t ~ U{{{law.index_min}..{law.index_max}}}, sigma = (t + 1) / 1000"
+    elif law.kind == "logit_normal_table":
+        s = f"u = sigmoid(N({law.mean:g}, {law.std:g}^2)), sigma = 1 - floor(1000 u) / 1000"
+    else:
+        s = f"sigma = sigmoid(N({law.mean:g}, {law.std:g}^2))"
+    return s + (f", shifted by {law.shift:g}" if law.shift != 1 else "")
+
+
+def render(card: dict) -> str:
+    """The card as aligned text lines."""
+    lines = [f"recipe card: {card['method']} on {card['recipe']}"]
+
+    def row(name, value):
+        lines.append(f"  {name:<26} {value}")
+
+    row("student anchors", f"{card['anchors']} (shift {card['anchor_shift']})")
+    row("student input", f"backward simulation p={card['backward_sim_prob']}, anchor per {card['anchor_draw'][4:]}")
+    q = "/".join(f"{int(x * 100)}" for x in QUANTILES)
+    row("DMD sigma" if card["method"] != "sid" else "SiD sigma", card["dmd_sigma_law"])
+    row(f"  quantiles {q}%", card["dmd_sigma_quantiles"])
+    row("fake-score sigma", card["fake_sigma_law"])
+    row(f"  quantiles {q}%", card["fake_sigma_quantiles"])
+    if "isg_t_mid_ranges" in card:
+        row("ISG t_mid [min, max]", card["isg_t_mid_ranges"])
+        row("ISG segment ends", card["isg_segment_ends"])
+        row("ISG guidance", f"U{tuple(card['isg_guidance'])}")
+    if "gan_weight_at_anchors" in card:
+        row("GAN weight at anchors", card["gan_weight_at_anchors"])
+        row("discriminator", card["discriminator"])
+    row("guidance", f"{card['guidance_mode']}, DMD U{tuple(card['dmd_guidance'])}, fake score {card['fake_guidance']}")
+    row("TTUR", card["ttur"])
+    if "ida_lambda" in card:
+        row("IDA lambda", card["ida_lambda"])
+    if "sid" in card:
+        row("SiD", card["sid"])
+    row("loss weights", card["loss_weights"])
+    for k, o in card["optimizers"].items():
+        row(f"{k} optimizer", f"lr {o['lr']:g}, betas {tuple(o['betas'])}, warm-up {o['warmup_iterations']} iterations, "
+                              f"clip {o['clip_grad']:g}")
+    lay = card["layout"]
+    row("layout", f"{lay['world']} GPUs: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}, micro-batch "
+                  f"{lay['micro_batch_size']}, {lay['resolution']} px")
+    row("memory plan", f"{card['memory_plan_gb_per_gpu']} GB per GPU (senseflow memory-plan for details)")
+    for m in card["missing"]:
+        lines.append(f"  missing: {m}")
+    return "\n".join(lines)
+
+
+def print_card(cfg, world: int | None, as_json: bool) -> int:
+    card = recipe_card(cfg, world)
+    print(json.dumps(card) if as_json else render(card))
+    return 0
