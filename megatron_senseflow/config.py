@@ -246,6 +246,9 @@ class DistillConfig:
     shift: Positive | None = None
     """Shift m of the student anchors shift({1, (K-1)/K, ..., 1/K}); None = the family default (SD3.x 3.0,
     FLUX resolution-dependent: {1, .904, .759, .512} at 1024 px)."""
+    anchor_rounding: Literal["none", "floor_1000"] = "none"
+    """'floor_1000' truncates the anchors to multiples of 1/1000, as the FLUX trainer's hard-coded timesteps
+    (1000, 904, 759, 512); 'none' keeps the exact shift values."""
     ttur: Count = 5
     """Generator updates once every `ttur` iterations; fake score and discriminator every iteration."""
     backward_sim_prob: Fraction = 0.5

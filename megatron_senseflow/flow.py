@@ -52,6 +52,17 @@ def anchors(num_steps: int, m: float) -> list[float]:
     return [float(shift(1 - k / num_steps, m)) for k in range(num_steps)]
 
 
+def student_anchors(num_steps: int, shift_m: float | None, family: str, num_image_tokens: int,
+                    rounding: str = "none") -> list[float]:
+    """The run's anchors: `anchors` at the given shift (None = the family default at this resolution), then
+    'floor_1000' truncates each to a multiple of 1/1000, as the FLUX trainer's hard-coded timesteps
+    (1000, 904, 759, 512 at 1024 px, from 1.0, 0.9045, 0.7595, 0.5128)."""
+    taus = anchors(num_steps, shift_m or default_shift(family, num_image_tokens))
+    if rounding == "floor_1000":
+        taus = [math.floor(t * 1000 + 1e-9) / 1000 for t in taus]
+    return taus
+
+
 def next_anchor(taus: list[float], idx_B: torch.Tensor) -> torch.Tensor:
     """tau_{i+1} for each sample's anchor index i (0 after the last anchor)."""
     table = torch.tensor(list(taus) + [0.0], device=idx_B.device)

@@ -234,31 +234,38 @@ class Objective:
     def g_velocity(self, st: IterState, x, sigma):
         return self.G.forward(x, sigma, st.text, st.pooled, self.student_guidance(x))
 
-    def guided_velocity(self, role: Role, st: IterState, x, sigma, scale_B, differentiable: bool = False):
+    def guided_velocity(self, role: Role, st: IterState, x, sigma, scale_B, with_vjp: bool = False):
         """A role's velocity under the run's guidance mode at per-sample scales:
         - 'embedding': FLUX's guidance input carries the scale (the FLUX teacher);
         - 'cfg': v_u + s (v_c - v_u) against the empty prompt, guidance input 1 if the model has one;
         - 'cfg_and_embedding': the same combination with the scale also as the guidance input (SiD-DiT's FLUX).
-        A scale of 1 everywhere skips the empty-prompt pass (it is the conditional model)."""
-        call = role.forward_differentiable if differentiable else role.forward
+        A scale of 1 everywhere skips the empty-prompt pass (it is the conditional model).
+        `with_vjp`: also return g -> J^T g for the Jacobian with respect to x (Role.velocity_with_vjp)."""
         mode = self.d.guidance_mode if role.arch.guidance_embeds else "cfg"
         if mode == "embedding":
-            return call(x, sigma, st.text, st.pooled, scale_B)
-        g_in = None
-        if role.arch.guidance_embeds:
-            g_in = scale_B if mode == "cfg_and_embedding" else torch.ones_like(scale_B)
-        v_c = call(x, sigma, st.text, st.pooled, g_in)
-        if bool((scale_B == 1.0).all()):
-            return v_c
-        v_u = call(x, sigma, st.neg_text, st.neg_pooled, g_in)
-        return v_u + flow.bcast(scale_B, v_c) * (v_c - v_u)
+            branches = [(1.0, st.text, st.pooled, scale_B)]
+        else:
+            g_in = None
+            if role.arch.guidance_embeds:
+                g_in = scale_B if mode == "cfg_and_embedding" else torch.ones_like(scale_B)
+            s = flow.bcast(scale_B, x)
+            branches = [(s, st.text, st.pooled, g_in)]
+            if not bool((scale_B == 1.0).all()):
+                branches.append((1 - s, st.neg_text, st.neg_pooled, g_in))
+        # v = sum_k c_k v_k (CFG: s v_c + (1 - s) v_u), so J^T g = sum_k J_k^T (c_k g)
+        outs = [role.velocity_with_vjp(x, sigma, text, pooled, g) if with_vjp else (role.forward(x, sigma, text, pooled, g), None)
+                for _, text, pooled, g in branches]
+        v = sum(c * out[0] for (c, *_), out in zip(branches, outs)) if len(branches) > 1 else outs[0][0]
+        if not with_vjp:
+            return v
+        return v, lambda g: sum(vjp(c * g) for (c, *_), (_, vjp) in zip(branches, outs))
 
-    def teacher_velocity(self, st: IterState, x, sigma, scale_B, differentiable: bool = False):
-        return self.guided_velocity(self.T, st, x, sigma, scale_B, differentiable)
+    def teacher_velocity(self, st: IterState, x, sigma, scale_B, with_vjp: bool = False):
+        return self.guided_velocity(self.T, st, x, sigma, scale_B, with_vjp)
 
-    def fake_velocity(self, st: IterState, x, sigma, differentiable: bool = False):
+    def fake_velocity(self, st: IterState, x, sigma, with_vjp: bool = False):
         scale = torch.full((x.shape[0],), self.d.fake_guidance, device=x.device)
-        return self.guided_velocity(self.F, st, x, sigma, scale, differentiable)
+        return self.guided_velocity(self.F, st, x, sigma, scale, with_vjp)
 
     # ------------------------------------------------------------------ step 1
     def anchor_indices(self, b: int) -> torch.Tensor:
@@ -456,9 +463,11 @@ class SiD(Objective):
     w(sigma) (y_r - y_f) . ((y_r - x_g) - alpha (y_r - y_f)), summed over a sample's elements, differentiated
     through the teacher and the fake score with respect to their input x_t = (1 - sigma) x_g + sigma eps.
 
-    The gradient dL/dx_g comes from autograd through both networks (their weights frozen; under PP through
-    the pipelines, roles.Role.forward_differentiable); G is then trained against it with the surrogate
-    <x_g, sg(dL/dx_g)>, whose parameter gradient is exactly the SiD loss's."""
+    dL/dx_g by the chain rule through both networks (their weights frozen): with y = x_t - sigma v(x_t),
+    dL/dx_t = dL/dy_r + dL/dy_f - sigma (J_r^T dL/dy_r + J_f^T dL/dy_f) and dL/dx_g = dL/dx_g|_direct +
+    (1 - sigma) dL/dx_t; the J^T products come from Role.velocity_with_vjp (through the pipelines under PP).
+    G is then trained against it with the surrogate <x_g, sg(dL/dx_g)>, whose parameter gradient is exactly
+    the SiD loss's."""
 
     name = "sid"
     use_isg = False
@@ -466,15 +475,19 @@ class SiD(Objective):
     uses_discriminator = False
 
     def distribution_targets(self, st: IterState, x0_hat, eps, t) -> dict:
-        with frozen(self.F.module), torch.enable_grad():
-            x_g = x0_hat.detach().requires_grad_(True)
-            xt = flow.noise(x_g, eps, t)
-            y_real = flow.x0_from_v(xt, t, self.teacher_velocity(st, xt, t, st.guidance, differentiable=True))
-            y_fake = flow.x0_from_v(xt, t, self.fake_velocity(st, xt, t, differentiable=True))
-            w = losses.sid_weight(t, self.d.sid_weighting, x_g, y_real)
-            loss = losses.sid_loss(x_g, y_real, y_fake, w, self.d.sid_alpha, self.d.sid_loss_scale)
-            (grad,) = torch.autograd.grad(loss, x_g)
-        return {"sid_grad": grad, "sid_value": loss.detach()}
+        x_t = flow.noise(x0_hat, eps, t)
+        sb = flow.bcast(t, x_t)
+        with frozen(self.F.module):
+            v_r, vjp_r = self.teacher_velocity(st, x_t, t, st.guidance, with_vjp=True)
+            v_f, vjp_f = self.fake_velocity(st, x_t, t, with_vjp=True)
+            with torch.enable_grad():
+                x_g, y_r, y_f = (y.detach().requires_grad_(True) for y in
+                                 (x0_hat, flow.x0_from_v(x_t, t, v_r), flow.x0_from_v(x_t, t, v_f)))
+                w = losses.sid_weight(t, self.d.sid_weighting, x_g, y_r)
+                loss = losses.sid_loss(x_g, y_r, y_f, w, self.d.sid_alpha, self.d.sid_loss_scale)
+                g_xg, g_yr, g_yf = torch.autograd.grad(loss, (x_g, y_r, y_f))
+            g_xt = g_yr + g_yf - (vjp_r(sb * g_yr) + vjp_f(sb * g_yf))
+        return {"sid_grad": g_xg + (1 - sb) * g_xt, "sid_value": loss.detach()}
 
     def distribution_loss(self, x0, targets, sl):
         # <x0, g> over this slice, scaled so that the schedule's division by the microbatch count leaves the

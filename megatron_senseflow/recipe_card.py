@@ -54,8 +54,9 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     # a real run decodes with its pipeline's VAE (8x for FLUX and SD3.x) even when the path is still missing
     factor = codec_factor(vae, arch.latent_channels) if vae or cfg.model.preset.startswith("tiny") else 8
     side = cfg.data.resolution // factor
-    shift = d.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
-    taus = flow.anchors(d.num_steps, shift)
+    tokens = image_tokens(arch, side, side)
+    shift = d.shift or flow.default_shift(arch.family, tokens)
+    taus = flow.student_anchors(d.num_steps, d.shift, arch.family, tokens, d.anchor_rounding)
     positions = [1 - i / d.num_steps for i in range(d.num_steps)]
     method = OBJECTIVES[cfg.method]
     card: dict = {

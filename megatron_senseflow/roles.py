@@ -111,23 +111,32 @@ class Role:
         return _from_last_stage(v)
 
     # ------------------------------------------------------------------ differentiable in the input
-    def forward_differentiable(self, x, sigma, text, pooled, guidance=None) -> torch.Tensor:
-        """Velocity that autograd differentiates with respect to `x`, not the weights (SiD's generator loss
-        backpropagates through the teacher and the fake score into G's output). The caller keeps this
-        role's weights frozen (`frozen(role.module)`) until its backward has run.
+    def velocity_with_vjp(self, x, sigma, text, pooled, guidance=None):
+        """The velocity and a function g -> J^T g, J its Jacobian with respect to x (not the weights): SiD's
+        generator loss backpropagates through the teacher and the fake score into G's output. The caller
+        keeps a trainable role's weights frozen (`frozen(role.module)`) until the function has run.
 
-        PP = 1: a plain graph through the model. PP > 1: the value comes from the forward-only pipeline, and
-        the backward runs megatron's forward-backward schedule again with the incoming gradient as the
-        loss (one more forward), the first stage's input as a leaf; its gradient is broadcast over the
-        pipeline group, so every rank gets d/dx as if the model were whole.
+        PP = 1: one forward with a graph, reused by the function. PP > 1: the forward-only pipeline for the
+        value; the function runs megatron's forward-backward schedule with <v, g> as the loss and the first
+        stage's input as a leaf (one more forward), and broadcasts d/dx over the pipeline group, so every
+        rank gets it as if the model were whole.
         """
-        if self.pp == 1:
-            self.forward_calls += 1
+        if self.pp > 1:
+            v = self.forward(x, sigma, text, pooled, guidance)
+            return v, lambda g: self.input_grad(x, sigma, text, pooled, guidance, g)
+        self.forward_calls += 1
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = self.denoiser.velocity(self.module(**self.denoiser.kwargs(leaf, sigma, text, pooled, guidance)), x)
+
+        def vjp(g):
+            # .backward, not autograd.grad: megatron's activation recompute refuses .grad(); the weights are
+            # frozen, so only the leaf receives a gradient
             self.backward_calls += 1
-            with torch.enable_grad():
-                out = self.module(**self.denoiser.kwargs(x, sigma, text, pooled, guidance))
-            return self.denoiser.velocity(out, x)
-        return _PipelineVelocity.apply(self, x, sigma, text, pooled, guidance)
+            v.backward(g)
+            return leaf.grad
+
+        return v.detach(), vjp
 
     def input_grad(self, x, sigma, text, pooled, guidance, grad_v: torch.Tensor) -> torch.Tensor:
         """J^T grad_v for the velocity's Jacobian J with respect to x, through the pipeline (PP > 1)."""
@@ -251,23 +260,6 @@ class Role:
         load_model(self.module, self.arch, step_dir / self.name)
         load_optimizer(self.module, self.optimizer, str(step_dir / f"{self.name}_optim"))
         self.scheduler.load_state_dict(json.loads((step_dir / f"{self.name}_scheduler.json").read_text()))
-
-
-class _PipelineVelocity(torch.autograd.Function):
-    """Role velocity under PP, differentiable in x: forward through the forward-only pipeline, backward
-    through `Role.input_grad` (collective: every rank of the model-parallel group runs it)."""
-
-    @staticmethod
-    def forward(ctx, role, x, sigma, text, pooled, guidance):
-        ctx.role = role
-        ctx.save_for_backward(x, sigma, text, pooled, *([guidance] if guidance is not None else []))
-        return role.forward(x, sigma, text, pooled, guidance)
-
-    @staticmethod
-    def backward(ctx, grad_v):
-        x, sigma, text, pooled, *g = ctx.saved_tensors
-        gx = ctx.role.input_grad(x, sigma, text, pooled, g[0] if g else None, grad_v.contiguous())
-        return None, gx, None, None, None, None
 
 
 class frozen:

@@ -102,7 +102,8 @@ class Trainer:
         self.global_batch = self.local_batch * env.dp
         method = OBJECTIVES[c.method]
         self.D = self._build_discriminator() if c.wants_discriminator() else None
-        self.taus = flow.anchors(c.distill.num_steps, c.distill.shift or flow.default_shift(self.t_arch.family, self.num_img))
+        d = c.distill
+        self.taus = flow.student_anchors(d.num_steps, d.shift, self.t_arch.family, self.num_img, d.anchor_rounding)
         self.roles = Roles(self.G, self.F, self.T, self.D, ema)
         self.objective = method(c, self.roles, self.taus, env, self._guarded_update, force_two_pass)
 

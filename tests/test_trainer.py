@@ -211,9 +211,12 @@ def test_other_objectives_share_the_loop(teacher, tmp_path, method, terms, absen
 
 def test_sd3_family_with_real_cfg(tmp_path):
     t = make_teacher(tmp_path / "sd3_teacher", preset="tiny-sd3")
-    train_inprocess(2, [f"roles.teacher.checkpoint={t}", "model.preset=tiny-sd3", "distill.guidance_mode=cfg",
-                        "distill.dmd_t_sampling=uniform", "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}",
-                        *COMMON], tp=2)
+    sd35_laws = ["distill.shift=3.0", "distill.dmd_timesteps.kind=uniform_index", "distill.dmd_timesteps.shift=3.0",
+                 "distill.fake_timesteps.shift=3.0", "distill.isg_grid=scheduler_index", "distill.isg_margin=50",
+                 "distill.gan_time_weight=scheduler_table_sq", "distill.dmd_guidance=[2.0,8.0]",
+                 "distill.isg_guidance=[2.0,4.0]"]
+    train_inprocess(2, [f"roles.teacher.checkpoint={t}", "model.preset=tiny-sd3", "distill.guidance_mode=cfg", *sd35_laws,
+                        "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", *COMMON], tp=2)
     first = metrics(tmp_path / "run")[1]
     assert all(math.isfinite(first[k]) for k in ("gen/dmd", "gen/isg", "gen/gan", "fake/fm"))
 
