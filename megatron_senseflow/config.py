@@ -57,17 +57,17 @@ NonNegativeInt = Annotated[int, Range(ge=0)]
 @dataclass(kw_only=True)
 class ModelConfig:
     preset: str = "flux-dev"
-    """Teacher architecture: flux-dev, flux-schnell, sd3-medium, sd35-medium, sd35-large, tiny-flux, tiny-sd3."""
+    """Model family and its default architecture: flux-dev, flux-schnell, sd3-medium, sd35-medium, sd35-large,
+    tiny-flux, tiny-sd3. With roles.teacher.checkpoint set, the architecture is the checkpoint's own."""
     arch: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the preset's architecture fields, named as in diffusers' config.json."""
+    """Overrides of the preset's architecture fields, named as in diffusers' config.json; with a teacher
+    checkpoint they must agree with it (the loader fills in the rest from the checkpoint)."""
     student_guidance_embeds: bool = False
     """FLUX only: keep the guidance embedding in generator and fake score (SenseFlow drops it)."""
     spec: Literal["local", "te"] = "local"
     """Layer backend: 'local' (plain torch + megatron-core TP layers, runs on CPU) or 'te' (TransformerEngine)."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recompute for trainable roles: 'none', 'full' (every block) or 'selective' (attention core only)."""
-    recompute_num_layers: int | None = None
-    """With recompute='full': recompute only the first N blocks of each stage (None = all)."""
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the DiT weights of every role: 'bfloat16' or 'float32' (CPU runs and parity tests use float32)."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
@@ -76,6 +76,36 @@ class ModelConfig:
 
     def teacher_arch(self) -> Arch:
         return make_arch(self.preset, self.arch)
+
+    def take_arch_from(self, checkpoint: str) -> None:
+        """The teacher's architecture is the one its checkpoint records (senseflow_model.json): the preset
+        names the family and its defaults, and a field the recipe sets in model.arch must agree."""
+        import json
+
+        from .models.configs import arch_from_dict, arch_to_dict
+
+        meta = Path(checkpoint) / "senseflow_model.json"
+        try:
+            saved = arch_from_dict(json.loads(meta.read_text())["arch"])
+        except FileNotFoundError:
+            raise ConfigError(f"roles.teacher.checkpoint={checkpoint} is not a senseflow model checkpoint (no "
+                              f"{meta.name}); convert the teacher first with `senseflow convert import --hf DIR "
+                              f"--out CKPT` and pass that CKPT.") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{meta} cannot be read ({e}); convert the teacher again.") from None
+        family = make_arch(self.preset).family
+        if saved.family != family:
+            raise ConfigError(f"roles.teacher.checkpoint={checkpoint} holds a {saved.label} model, but "
+                              f"model.preset={self.preset} is {make_arch(self.preset).label}; use a "
+                              f"{saved.label} recipe or preset.")
+        have = arch_to_dict(saved)
+        want = arch_to_dict(make_arch(self.preset, self.arch))
+        for key in self.arch:
+            if want.get(key) != have.get(key):
+                raise ConfigError(f"model.arch.{key}={want.get(key)!r} disagrees with the teacher checkpoint "
+                                  f"{checkpoint}, which has {key}={have.get(key)!r}; drop the override (the "
+                                  f"architecture comes from the checkpoint).")
+        self.arch = {k: v for k, v in have.items() if k != "family"}
 
     def student_arch(self) -> Arch:
         arch = self.teacher_arch()
@@ -462,9 +492,11 @@ class Config:
             if law.kind == "uniform_index" and law.index_min > law.index_max:
                 raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
         dc = self.roles.discriminator
-        if dc.enabled and dc.text_condition == "clip_l" and self.model.preset.startswith("tiny"):
-            raise ConfigError("roles.discriminator.text_condition='clip_l' needs a real text encoder's CLIP-L "
-                              "embedding; the tiny presets carry none: use text_condition='pooled'.")
+        width = arch.pooled_projection_dim
+        if dc.enabled and dc.text_condition == "clip_l" and (width < 768 if arch.family == "sd3" else width != 768):
+            raise ConfigError(f"roles.discriminator.text_condition='clip_l' reads CLIP ViT-L/14's 768-channel "
+                              f"embedding from the pooled text embedding, but this {arch.label} model's is {width} "
+                              f"wide; use text_condition='pooled'.")
 
 
 # --------------------------------------------------------------------------- loading
@@ -638,6 +670,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     cfg = config_from_dict(data, source + (" (with overrides)" if overrides else ""))
+    if cfg.roles.teacher.checkpoint:
+        cfg.model.take_arch_from(cfg.roles.teacher.checkpoint)
     cfg.validate()
     return cfg
 

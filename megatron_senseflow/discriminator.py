@@ -382,6 +382,8 @@ class DiscriminatorRole:
     def save_state(self, step_dir) -> None:
         import torch.distributed as dist
 
+        if hasattr(self.optimizer, "consolidate_state_dict"):  # AdamW states sharded over data parallel
+            self.optimizer.consolidate_state_dict(to=0)
         if dist.get_rank() == 0:
             torch.save({"heads": self.net.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, step_dir / self.FILE)

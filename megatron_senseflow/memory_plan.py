@@ -37,6 +37,9 @@ RECOMPUTE_PER_TOKEN_HIDDEN = 2
 VAE_DECODER_ELEMS_1024 = 2.7e9
 VAE_DECODER_PARAMS = 49.5e6
 DINOV2_VITL = {"params": 304.4e6, "hidden": 1024, "layers": 24, "patch": 14}
+# full-resolution C-channel maps a discriminator head's trunk keeps for backward: about 4 at the tap's
+# resolution (conv, norm, activation), 5 per stride-2 level below, counted by area (4 + 5/4 + 5/16 + ...)
+HEAD_TRUNK_MAPS = 5.6
 RUNTIME_GB = 3.0  # CUDA context, NCCL buffers, cuBLAS workspaces
 FRAGMENTATION = 0.05  # allocator slack on top of everything else
 
@@ -173,9 +176,15 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         d_elem = 2 if dc.precision == "bf16" else 4
         # DINOv2 loads in fp32 (autocast for bf16); the VAE is loaded in D's precision
         d = RoleMemory("discriminator", v["params"] + VAE_DECODER_PARAMS + heads,
-                       v["params"] * 4 + VAE_DECODER_PARAMS * d_elem + heads * 4, grads=heads * 4, optimizer=heads * 8)
-        n_tok = ((dc.image_size or cfg.data.resolution) // v["patch"]) ** 2 + 1
-        dino = ACT_PER_TOKEN_HIDDEN * n_tok * v["hidden"] * v["layers"] * d_elem / 2 * mb
+                       v["params"] * 4 + VAE_DECODER_PARAMS * d_elem + heads * 4, grads=heads * 4,
+                       optimizer=heads * 8 / dp)  # AdamW sharded over data parallel (ZeroRedundancyOptimizer)
+        side = (dc.image_size or cfg.data.resolution) // v["patch"]
+        n_tok = side**2 + 1
+        # DINOv2's blocks run under activation checkpointing (discriminator.VFMDiscriminator.features): every
+        # block's input is kept and one block is recomputed at a time
+        dino = (v["layers"] + ACT_PER_TOKEN_HIDDEN / 2) * n_tok * v["hidden"] * d_elem * mb
+        # the generator's GAN pass through each head's trunk (fp32 norms under autocast)
+        dino += num_heads * HEAD_TRUNK_MAPS * side**2 * v["hidden"] * 4 * mb
         vae = VAE_DECODER_ELEMS_1024 * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
         d.activations = dino + vae
         d.notes = ["activations: the generator's GAN term backpropagates through the VAE decoder and DINOv2"]

@@ -1,6 +1,7 @@
 """`senseflow train RECIPE --dry-run [--json]`: what a recipe will do, before a GPU is queued.
 
-Builds and checks everything that needs no weights (the config, the layout,
+Builds and checks everything that needs no weights (the config, the layout (one node of 8 GPUs
+unless `--nproc N` says otherwise),
 the objective's anchors, laws and weights with the same code the trainer runs,
 the memory plan), then prints a card: student anchors; quantiles of the DMD,
 fake-score and ISG noise levels; the GAN weight at each anchor; the guidance
@@ -47,7 +48,8 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     from .models.flops import image_tokens
 
     p, d = cfg.parallel, cfg.distill
-    world = world or p.tp * p.pp
+    mp = p.tp * p.pp
+    world = world or mp * max(1, 8 // mp)  # default: one node of 8 GPUs (at least one replica)
     cfg.validate(world_size=world)
     arch = cfg.model.teacher_arch()
     vae = cfg.roles.discriminator.vae
@@ -101,7 +103,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
                               "clip_grad": o.clip_grad} for k, o in roles.items()}
     card["layout"] = {"world": world, "tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp),
                       "micro_batch_size": cfg.data.micro_batch_size, "resolution": cfg.data.resolution}
-    pl = plan(cfg, 1, world, 80.0)
+    pl = plan(cfg, 1, world, 80.0)  # one node of `world` GPUs, 80 GB each
     card["memory_plan_gb_per_gpu"] = round(pl.total / 1e9, 1)
     card["missing"] = cfg.missing_assets()
     return card
@@ -151,7 +153,8 @@ def render(card: dict) -> str:
     lay = card["layout"]
     row("layout", f"{lay['world']} GPUs: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}, micro-batch "
                   f"{lay['micro_batch_size']}, {lay['resolution']} px")
-    row("memory plan", f"{card['memory_plan_gb_per_gpu']} GB per GPU (senseflow memory-plan for details)")
+    row("memory plan", f"{card['memory_plan_gb_per_gpu']} GB per GPU at this layout (senseflow memory-plan for "
+                       "details and other shapes)")
     for m in card["missing"]:
         lines.append(f"  missing: {m}")
     return "\n".join(lines)
@@ -161,3 +164,39 @@ def print_card(cfg, world: int | None, as_json: bool) -> int:
     card = recipe_card(cfg, world)
     print(json.dumps(card) if as_json else render(card))
     return 0
+
+
+README_RECIPES = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium", "flux_dev_sid", "sd35_large_sid",
+                  "sd35_medium_sid", "tiny")
+
+
+def readme_table(names=README_RECIPES) -> str:
+    """The README's recipe table, rendered from the recipe cards (a test keeps the README equal to it)."""
+    from .config import load_config
+
+    head = ("| recipe | method | lr | TTUR | teacher guidance (DMD; ISG) | DMD sigma (median) | fake-score sigma "
+            "(median) | ISG weight | IDA | GAN weight at anchors | layout |")
+    rows = [head, "|" + "---|" * 11]
+    for name in names:
+        cfg = load_config(name)
+        c = recipe_card(cfg)
+        d = cfg.distill
+
+        def law(prefix):
+            law_ = getattr(d, f"{prefix}_timesteps")
+            kind = {"logit_normal": "logit-normal", "logit_normal_table": "logit-normal, 1000-step table",
+                    "uniform_index": f"uniform index {law_.index_min}-{law_.index_max}"}[law_.kind]
+            if law_.kind != "uniform_index" and (law_.mean, law_.std) != (0.0, 1.0):
+                kind += f" ({law_.mean:.3g}, {law_.std:g})"
+            shift = f", shift {law_.shift:g}" if law_.shift != 1 else ""
+            return f"{kind}{shift} ({c[f'{prefix}_sigma_quantiles'][2]:.3f})"
+
+        guide = f"{d.guidance_mode} U{tuple(d.dmd_guidance)}"
+        if "isg_guidance" in c:
+            guide += f"; U{tuple(d.isg_guidance)}"
+        gan = (f"{d.gan_weight:g} x {c['gan_weight_at_anchors']}" if "gan_weight_at_anchors" in c else "none")
+        lay = c["layout"]
+        rows.append(f"| `{name}` | {cfg.method} | {cfg.roles.generator.optimizer.lr:g} | {d.ttur} | {guide} | "
+                    f"{law('dmd')} | {law('fake')} | {c['loss_weights'].get('isg', '-')} | {c.get('ida_lambda', '-')} | "
+                    f"{gan} | TP={lay['tp']} PP={lay['pp']} |")
+    return "\n".join(rows)

@@ -82,7 +82,8 @@ def test_tp_must_divide_heads():
 
 
 def test_world_size_must_fit_layout():
-    cfg = config_from_dict({"model": {"preset": "tiny-flux"}, "parallel": {"tp": 2, "pp": 2}})
+    cfg = config_from_dict({"model": {"preset": "tiny-flux"}, "parallel": {"tp": 2, "pp": 2},
+                            "roles": {"discriminator": {"text_condition": "pooled"}}})
     cfg.validate(world_size=8)
     with pytest.raises(ConfigError, match="world size 6 is not a multiple of tp x pp x cp = 4"):
         cfg.validate(world_size=6)
@@ -114,7 +115,7 @@ def test_big_recipes_carry_the_authors_hyper_parameters(name, ttur, ida, isg, ga
     cfg = load_config(name)
     d = cfg.distill
     assert (d.ttur, d.ida_lambda, d.isg_weight, d.gan_weight) == (ttur, ida, isg, gan)
-    assert (d.guidance_min, d.guidance_max, d.guidance_mode) == (*guidance, mode)
+    assert (*d.dmd_guidance, d.guidance_mode) == (*guidance, mode)
     assert cfg.data.resolution == 1024 and cfg.data.micro_batch_size == 1
     lr = 1e-5 if name == "flux_dev" else 1e-6
     assert cfg.roles.generator.optimizer.lr == lr and cfg.roles.fake_score.optimizer.lr == lr

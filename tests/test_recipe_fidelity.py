@@ -387,3 +387,12 @@ def test_dry_run_card_through_the_cli():
     text = subprocess.run([sys.executable, "-m", "megatron_senseflow.cli", "train", "flux_dev", "--dry-run"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "student anchors            [1.0, 0.904, 0.759, 0.512]" in text.stdout
+
+
+def test_readme_recipe_table_is_the_recipe_cards():
+    from pathlib import Path
+
+    from megatron_senseflow.recipe_card import readme_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in readme, "README's recipe table is stale: paste recipe_card.readme_table() into it"

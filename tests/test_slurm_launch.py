@@ -38,22 +38,40 @@ def _command_words(script: str) -> list[str]:
     ).stdout.splitlines()
 
 
-ASSETS = ["roles.teacher.checkpoint=/ckpt/teacher", "data.path=/data/shards",
-          "roles.discriminator.dinov2=/ckpt/dinov2-large", "roles.discriminator.vae=/ckpt/vae"]
+# the teacher's architecture is read from its checkpoint's senseflow_model.json before anything is
+# queued; a directory with only that file stands in for a converted 12B model here
+def _teacher(root: Path, preset: str) -> Path:
+    import json
+
+    from megatron_senseflow.models.configs import PRESETS, arch_to_dict
+
+    d = root / "teachers" / preset
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "senseflow_model.json").write_text(json.dumps({"format": 1, "arch": arch_to_dict(PRESETS[preset]),
+                                                        "dtype": "bfloat16"}))
+    return d
+
+
+def assets(root: Path, preset: str) -> list[str]:
+    out = [f"roles.teacher.checkpoint={_teacher(root, preset)}", "data.path=/data/shards",
+           "roles.discriminator.dinov2=/ckpt/dinov2-large", "roles.discriminator.vae=/ckpt/vae"]
+    return out + (["roles.discriminator.clip=/ckpt/clip-vit-large-patch14"] if preset.startswith("flux") else [])
 
 
 @pytest.mark.parametrize(
-    "recipe, overrides, tp, pp, template",
+    "recipe, preset, extra, tp, pp, template",
     [
-        ("flux_dev", ASSETS, 4, 1, "flux_dev"),
-        ("sd35_large", ASSETS, 2, 2, "sd35_large"),
-        ("sd35_medium", ASSETS, 1, 1, "sd35_medium"),
-        ("tiny", ["model.preset=tiny-flux"], 2, 1, "tiny"),
+        ("flux_dev", "flux-dev", [], 4, 1, "flux_dev"),
+        ("sd35_large", "sd35-large", [], 2, 2, "sd35_large"),
+        ("sd35_medium", "sd35-medium", [], 1, 1, "sd35_medium"),
+        ("tiny", None, ["model.preset=tiny-flux"], 2, 1, "tiny"),
         # no recipe of its own: the tiny one with another preset picks the generic template
-        ("tiny", ["model.preset=sd3-medium", "distill.guidance_mode=cfg", *ASSETS], 2, 1, "generic"),
+        ("tiny", "sd3-medium", ["model.preset=sd3-medium", "distill.guidance_mode=cfg",
+                                "roles.discriminator.text_condition=clip_l"], 2, 1, "generic"),
     ],
 )
-def test_template_per_recipe_renders_a_valid_script(tmp_path, recipe, overrides, tp, pp, template):
+def test_template_per_recipe_renders_a_valid_script(tmp_path, recipe, preset, extra, tp, pp, template):
+    overrides = [*extra, *(assets(tmp_path, preset) if preset else [])]
     spec = _spec(tmp_path, recipe, *overrides, "--nodes", "4", "--gpus-per-node", "8", "--tp", str(tp), "--pp", str(pp), "--partition", "gpu", "--account", "proj1")
     assert spec.template.name == template
     text = launch.render(spec)
@@ -93,7 +111,7 @@ def test_big_recipe_without_teacher_is_refused_before_queueing(tmp_path):
     with pytest.raises(ConfigError, match=r"^roles\.teacher\.checkpoint is not set: a flux-dev run needs"):
         _spec(tmp_path, "flux_dev", "--nodes", "4", "--gpus-per-node", "8")
     with pytest.raises(ConfigError, match=r"^roles\.discriminator\.dinov2 is None"):
-        _spec(tmp_path, "sd35_medium", *ASSETS[:2], "--nodes", "1", "--gpus-per-node", "8")
+        _spec(tmp_path, "sd35_medium", *assets(tmp_path, "sd35-medium")[:2], "--nodes", "1", "--gpus-per-node", "8")
 
 
 def test_default_entry_is_the_venv_senseflow_train():

@@ -55,7 +55,9 @@ def test_layouts_give_the_same_losses(layout_runs, layout):
         for k in TERMS:
             if k in a:
                 assert k in b, (layout, k)
-                assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-7), (layout, a["step"], k, a[k], b[k])
+                # a mean logit is a sum of terms of both signs: its rounding is absolute, not relative
+                tol = dict(rel=2e-5, abs=2e-6 if k.startswith("disc/logit") else 1e-7)
+                assert b[k] == pytest.approx(a[k], **tol), (layout, a["step"], k, a[k], b[k])
                 compared += 1
     assert compared >= 17
 

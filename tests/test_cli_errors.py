@@ -1,0 +1,66 @@
+"""A person's mistakes through the real `senseflow train` command: exit code 2, one line, no traceback,
+before anything is built; and a working directory with its own `models/` and `data/` packages."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_helpers import make_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def senseflow(*args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "megatron_senseflow.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("senseflow")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"flux": make_teacher(root / "flux"), "sd3": make_teacher(root / "sd3", preset="tiny-sd3")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "other_family", "arch_disagrees", "lr_negative", "lr_nan",
+                                  "nproc_2"])
+def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = f"train.output_dir={tmp_path / 'run'}"
+    args, expect = {
+        "not_a_checkpoint": (["tiny", f"roles.teacher.checkpoint={empty}"], "is not a senseflow model checkpoint"),
+        "other_family": (["tiny", f"roles.teacher.checkpoint={checkpoints['sd3']}"], "holds a SD3 model"),
+        "arch_disagrees": (["tiny", f"roles.teacher.checkpoint={checkpoints['flux']}", "model.arch.num_layers=3"],
+                           "model.arch.num_layers=3 disagrees with the teacher checkpoint"),
+        "lr_negative": (["tiny", "roles.generator.optimizer.lr=-1"], "roles.generator.optimizer.lr=-1.0 must be greater than 0"),
+        "lr_nan": (["tiny", "roles.fake_score.optimizer.lr=nan"], "roles.fake_score.optimizer.lr=nan must be a finite number"),
+        "nproc_2": (["tiny", "--nproc", "2", f"roles.teacher.checkpoint={checkpoints['sd3']}"], "holds a SD3 model"),
+    }[case]
+    line = one_line_error(senseflow("train", *args, out))
+    assert expect in line, line
+    assert not (tmp_path / "run").exists()  # refused before anything was built or written
+
+
+@pytest.mark.slow
+def test_train_runs_from_a_directory_with_its_own_models_and_data_packages(checkpoints, tmp_path):
+    for name in ("models", "data", "tools", "slurm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package was imported')\n")
+    r = senseflow("train", "tiny", f"roles.teacher.checkpoint={checkpoints['flux']}", "train.max_steps=1",
+                  f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "DONE").is_file()
