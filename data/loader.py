@@ -419,6 +419,16 @@ class ShardLoader:
             batch["image"] = torch.from_numpy(_stack_unit_range([it["image"] for it in group]))
         return batch
 
+    def shutdown(self) -> None:
+        """End of a run: kill the worker processes at once. A worker can sit blocked on a full pipe that
+        nobody reads any more, and it ignores SIGTERM (signals.ignore_in_worker), so a polite shutdown
+        could wait for ever; nothing of a worker's is worth waiting for at this point."""
+        for w in getattr(getattr(self, "_items", None), "_workers", None) or []:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        self.close()
+
     def close(self) -> None:
         """Stop the worker processes; iteration restarts from the current position."""
         if getattr(self, "_items", None) is not None:

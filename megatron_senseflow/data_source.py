@@ -39,6 +39,9 @@ class _Checkpointed:
     def load_state(self, step_dir: Path) -> None:
         self.load_state_dict(json.loads((step_dir / self.FILE).read_text()))
 
+    def shutdown(self) -> None:
+        """End of a run: stop any worker processes at once."""
+
 
 class SyntheticData(_Checkpointed):
     """Random samples that are a function of (data seed, global sample index): tests and smoke runs.
@@ -121,6 +124,9 @@ class ShardData(_Checkpointed):
 
     def merge_states(self, states: list[dict]) -> dict:
         return type(self.loader).merge_states(states)
+
+    def shutdown(self) -> None:
+        self.loader.shutdown()
 
 
 def build_data_source(cfg: Config, env, latent_channels: int, latent_side: int, arch, device):

@@ -1,15 +1,56 @@
-"""Errors meant for a person: a mistake they can fix, said in one sentence that names the value and the fix.
+"""How a run ends: errors meant for a person, the reasons a run stops, and the exit code of each.
 
-Every such error in the product (config, architecture and layout, checkpoint,
-conversion, verification, data) derives from `UserError`. The entry points
-(`senseflow VERB`, the torchrun entry `megatron_senseflow.train_cli`) catch it
-once: one line on stderr (from rank 0 only under a launcher), exit code
-`USER_ERROR`, no traceback. Anything else is a bug and keeps its traceback.
+Every error a person can fix (config, architecture and layout, checkpoint,
+conversion, verification, data) derives from `UserError`. A run that cannot
+go on for another reason raises a `RunEnded` subclass. The entry points
+(`senseflow VERB`, the torchrun entry `megatron_senseflow.train_cli`) catch
+them once: one line on stderr, the exit code below, no traceback. Anything
+else is a bug and keeps its traceback (exit 1).
+
+| code | meaning | Slurm job script |
+|---|---|---|
+| 0 | finished (DONE written), or stopped by SIGTERM / SIGUSR1 after saving | finished / requeue |
+| 1 | an unexpected error (a bug, a lost node): its traceback is in the log | requeue if the run progressed |
+| 2 | a refused input (config, paths, checkpoints of another model, data) | no requeue |
+| 3 | repeated non-finite losses | no requeue |
+| 4 | a checkpoint could not be written (disk full, write error); the previous one is still `latest` | no requeue |
+| 5 | no intact checkpoint to resume from (each corrupt one was renamed `*.corrupt`) | no requeue |
+| 130 | interrupted (Ctrl-C) | no requeue |
 """
 from __future__ import annotations
 
-USER_ERROR = 2  # exit code of a refused input (argparse uses 2 for bad arguments too)
+OK = 0
+ERROR = 1
+USER_ERROR = 2
+NAN_ABORT = 3
+SAVE_FAILED = 4
+NO_INTACT_CHECKPOINT = 5
+INTERRUPTED = 130
 
 
 class UserError(ValueError):
     """A refused input, in one sentence: what is wrong with which value, and what to do."""
+
+
+class RunEnded(RuntimeError):
+    """The run stops for a reason the message says in one sentence; `exit_code` tells the launcher which."""
+
+    exit_code = ERROR
+
+
+class TrainingAborted(RunEnded):
+    """Repeated non-finite losses: the last checkpoint is intact; the message says what to try."""
+
+    exit_code = NAN_ABORT
+
+
+class SaveFailed(RunEnded):
+    """A checkpoint could not be written; its partial directory is gone and `latest` is unchanged."""
+
+    exit_code = SAVE_FAILED
+
+
+class NoIntactCheckpoint(RunEnded):
+    """Every checkpoint to resume from failed its integrity check (each was renamed, none deleted)."""
+
+    exit_code = NO_INTACT_CHECKPOINT

@@ -1,4 +1,5 @@
-"""SIGTERM / SIGUSR1 mean "save at the next step boundary and exit 0" (Slurm preemption, scancel).
+"""SIGTERM / SIGUSR1 mean "save at the next step boundary and exit 0" (Slurm preemption, scancel);
+SIGINT (Ctrl-C) means "stop now, without saving" (exit 130).
 
 Installed first thing in `senseflow train`, before torch is imported, so a
 signal during start-up is not fatal; the trainer reads the flag at each step
@@ -11,15 +12,27 @@ import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[str] = []
+_interrupted: list[bool] = []
 
 
 def _handler(signum, frame):
     _received.append(signal.Signals(signum).name)
 
 
+def _interrupt(signum, frame):
+    _interrupted.append(True)
+    raise KeyboardInterrupt
+
+
 def install() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
+    signal.signal(signal.SIGINT, _interrupt)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C (SIGINT) reached this process: the run stops without saving."""
+    return bool(_interrupted)
 
 
 def ignore_in_worker() -> None:

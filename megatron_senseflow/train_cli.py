@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -37,6 +36,8 @@ _KNOWN_NOISE = (
     "`load_state_dict` is deprecated",
     "`torch.distributed.reduce_scatter_tensor` is deprecated",
     "`torch.distributed.all_gather_into_tensor` is deprecated",
+    # megatron-core's distributed optimizer reads .grad of its shard views in zero_grad
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 
 
@@ -61,20 +62,47 @@ def run(args: argparse.Namespace) -> int:
         return print_card(cfg, args.nproc if args.nproc > 1 else None, args.json)
     if args.nproc > 1 and not _launched():
         cfg.validate(world_size=args.nproc)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "megatron_senseflow.train_cli", args.config, *args.overrides]
-        return subprocess.call(cmd)
+        from .checkpoint import CheckpointManager
+        from .launcher import launch
+
+        ckpt = CheckpointManager(f"{cfg.train.output_dir}/checkpoints")
+        return launch(args.nproc, [args.config, *args.overrides], ckpt.latest)
+    return _train(cfg)
+
+
+def _train(cfg) -> int:
+    """This process's rank of the run; every way a run ends becomes one line and an exit code (errors.py)."""
+    from . import errors, signals
     from .distributed import destroy_distributed, init_distributed
     from .trainer import run_training
 
-    env = init_distributed(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        return run_training(cfg, env)
-    finally:
-        destroy_distributed()
+        env = init_distributed(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+        try:
+            return run_training(cfg, env)
+        finally:
+            destroy_distributed()
+    except errors.RunEnded as e:
+        if rank == 0 or os.environ.get("SENSEFLOW_LAUNCHER"):
+            print(f"senseflow train: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except (KeyboardInterrupt, Exception):
+        if not signals.interrupted():
+            raise
+        # Ctrl-C, or a collective broken because another rank stopped on it: no traceback
+        if rank == 0 and not os.environ.get("SENSEFLOW_LAUNCHER"):  # the launcher says it for --nproc runs
+            from .checkpoint import CheckpointManager
+
+            last = CheckpointManager(f"{cfg.train.output_dir}/checkpoints").latest()
+            where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+            print(f"senseflow train: interrupted; {where} (rerun the same command to resume from it).",
+                  file=sys.stderr, flush=True)
+        return errors.INTERRUPTED
 
 
 def main() -> int:
+    """The rank entry (`python -m megatron_senseflow.train_cli`, under torchrun, srun or `--nproc`)."""
     from . import signals
 
     signals.install()  # before torch is imported: a signal during start-up must not kill the rank
@@ -84,10 +112,15 @@ def main() -> int:
     from .errors import USER_ERROR, UserError
 
     try:
-        return run(p.parse_args())
+        code = run(p.parse_args())
     except UserError as e:
         print(f"senseflow train: {e}", file=sys.stderr)
-        return USER_ERROR
+        code = USER_ERROR
+    # end now: interpreter shutdown would join data-loader workers and other helper processes, which a
+    # failed or interrupted run may have left blocked on a pipe nobody reads
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,11 @@ from .discriminator import (
     clip_text_projection,
 )
 from .distributed import DistEnv
+from .errors import TrainingAborted
 from .methods import OBJECTIVES
 from .monitor import Monitor, device_peak_tflops, image_grid
 from .roles import EMA, Roles, build_role
 from .sampling import sample_student
-
-
-class TrainingAborted(RuntimeError):
-    """The run cannot continue (e.g. repeated non-finite losses); the message says why and what to try."""
 
 
 class Trainer:
@@ -238,6 +235,7 @@ class Trainer:
                 (self.out / DONE_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
             return 0
         finally:
+            self.data.shutdown()
             self.monitor.close()
 
     def _nan_guard(self, logs: dict):
@@ -358,13 +356,8 @@ class Trainer:
 
 
 def run_training(cfg: Config, env: DistEnv) -> int:
+    """Build and run; a run that cannot go on raises errors.RunEnded (its exit code says why)."""
     cfg.validate(world_size=env.world_size)
-    trainer = Trainer(cfg, env)
-    try:
-        return trainer.run()
-    except TrainingAborted as e:
-        if env.is_main:
-            print(f"senseflow train: {e}", flush=True)
-        return 3
+    return Trainer(cfg, env).run()
 
 
