@@ -359,6 +359,12 @@ class CheckpointConfig:
     """Resume from the latest checkpoint in output_dir when one exists."""
     save_on_signal: bool = True
     """SIGTERM/SIGUSR1 save at the next step boundary and exit 0 (Slurm preemption)."""
+    verify: Literal["checksum", "size"] = "checksum"
+    """Integrity check of the checkpoint a run resumes from: file sizes and CRC32s, or sizes only (for very
+    large runs, where reading every byte again at start takes minutes)."""
+    async_save: bool = False
+    """Write the distributed-checkpoint parts in the background (megatron-core's async machinery) while
+    training goes on; a save counts once every rank's writer finished."""
 
 
 @dataclass(kw_only=True)

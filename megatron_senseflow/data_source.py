@@ -26,7 +26,7 @@ class _Checkpointed:
     dp_rank: int
     dp_size: int
 
-    def save_state(self, step_dir: Path) -> None:  # collective
+    def save_state(self, step_dir: Path, async_save: bool = False) -> list:  # collective
         import torch.distributed as dist
 
         states = [None] * dist.get_world_size()
@@ -35,6 +35,7 @@ class _Checkpointed:
         merged = self.merge_states([per_dp[r] for r in range(self.dp_size)])
         if dist.get_rank() == 0:
             (step_dir / self.FILE).write_text(json.dumps(merged))
+        return []
 
     def load_state(self, step_dir: Path) -> None:
         self.load_state_dict(json.loads((step_dir / self.FILE).read_text()))

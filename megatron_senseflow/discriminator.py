@@ -379,7 +379,7 @@ class DiscriminatorRole:
     # reads them back (weights_only: a checkpoint file is data, never code)
     FILE = "discriminator.pt"
 
-    def save_state(self, step_dir) -> None:
+    def save_state(self, step_dir, async_save: bool = False) -> list:
         import torch.distributed as dist
 
         if hasattr(self.optimizer, "consolidate_state_dict"):  # AdamW states sharded over data parallel
@@ -387,6 +387,7 @@ class DiscriminatorRole:
         if dist.get_rank() == 0:
             torch.save({"heads": self.net.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, step_dir / self.FILE)
+        return []
 
     def load_state(self, step_dir) -> None:
         device = next(self.net.heads.parameters()).device

@@ -79,14 +79,15 @@ def keep_adam_step_on_load(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = set_states
 
 
-def save_optimizer(role_module, optimizer, directory: str) -> None:
-    """The distributed optimizer's state in `directory` (collective)."""
+def save_optimizer(role_module, optimizer, directory: str, async_save: bool = False) -> list:
+    """The distributed optimizer's state in `directory` (collective); with `async_save`, the AsyncRequest."""
     from megatron.core import dist_checkpointing
 
     if not any(opt.optimizer.state for opt in _inner_optimizers(optimizer)):
         prime_optimizer_state(optimizer)  # a save before this role's first update
     sd = optimizer.sharded_state_dict(role_module.sharded_state_dict(), metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(sd, directory)
+    request = dist_checkpointing.save(sd, directory, async_sharded_save=async_save)
+    return [request] if async_save else []
 
 
 def load_optimizer(role_module, optimizer, directory: str) -> None:

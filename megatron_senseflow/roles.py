@@ -236,21 +236,22 @@ class Role:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ checkpoint part
-    def save_state(self, step_dir: Path) -> None:
+    def save_state(self, step_dir: Path, async_save: bool = False) -> list:
         """Collective: weights (`NAME/`, a role checkpoint the export tools read), optimizer (`NAME_optim/`)
         and LR schedule (`NAME_scheduler.json`)."""
         from megatron_senseflow.models.checkpoint_io import save_model
 
         from .mcore_compat import save_optimizer
 
-        save_model(self.module, self.arch, step_dir / self.name)
+        requests = save_model(self.module, self.arch, step_dir / self.name, async_save)
         odir = step_dir / f"{self.name}_optim"
         if dist.get_rank() == 0:
             odir.mkdir()
         dist.barrier()
-        save_optimizer(self.module, self.optimizer, str(odir))
+        requests += save_optimizer(self.module, self.optimizer, str(odir), async_save)
         if dist.get_rank() == 0:
             (step_dir / f"{self.name}_scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        return requests
 
     def load_state(self, step_dir: Path) -> None:
         from megatron_senseflow.models.checkpoint_io import load_model
@@ -512,7 +513,7 @@ class EMA:
         return {k: dataclasses.replace(v, data=by_param[id(v.data)])
                 for k, v in module.sharded_state_dict().items() if id(v.data) in by_param}
 
-    def save_state(self, step_dir: Path) -> None:
+    def save_state(self, step_dir: Path, async_save: bool = False) -> list:
         from megatron.core import dist_checkpointing
 
         from megatron_senseflow.models.checkpoint_io import write_meta
@@ -521,9 +522,10 @@ class EMA:
         if dist.get_rank() == 0:
             directory.mkdir()
         dist.barrier()
-        dist_checkpointing.save(self._sharded(), str(directory))
+        request = dist_checkpointing.save(self._sharded(), str(directory), async_sharded_save=async_save)
         if dist.get_rank() == 0:
             write_meta(directory, self.generator.arch, torch.float32)
+        return [request] if async_save else []
 
     def load_state(self, step_dir: Path) -> None:
         from megatron.core import dist_checkpointing

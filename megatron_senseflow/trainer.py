@@ -95,6 +95,7 @@ class Trainer:
         self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
                             optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
         ema = EMA(self.G, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
+        self.ema = ema
 
         self.global_batch = self.local_batch * env.dp
         method = OBJECTIVES[c.method]
@@ -108,7 +109,9 @@ class Trainer:
         parts = {"generator": self.G, "fake_score": self.F, "ema": ema, "discriminator": self.D, "data": self.data,
                  "trainer": self}
         self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last,
-                                      {k: v for k, v in parts.items() if v is not None})
+                                      {k: v for k, v in parts.items() if v is not None}, verify=c.checkpoint.verify,
+                                      expected_bytes=self._expected_save_bytes,
+                                      log=lambda m: print(m, flush=True) if env.is_main else None)
         self.step = 0
         self.updates = {"generator": 0, "fake_score": 0, "discriminator": 0}
         self.nan_in_a_row = 0
@@ -223,13 +226,19 @@ class Trainer:
                     self.monitor.scalars(self.step, logs)
                 if c.logging.image_every and self.step % c.logging.image_every == 0:
                     self.log_samples()
+                self.ckpt.maybe_finalize()
                 stop = self._stop_requested()
-                if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or stop or self.step == c.train.max_steps:
-                    self.save()
+                periodic = c.checkpoint.every and self.step % c.checkpoint.every == 0
+                if periodic or stop or self.step == c.train.max_steps:
+                    self.save(wait=bool(stop) or self.step == c.train.max_steps)
+                    # a stop that arrived while this save was written needs no second save of its own
+                    stop = stop or (periodic and self._stop_requested())
                 if stop:
+                    self.ckpt.finalize()
                     if self.env.is_main:
                         print(f"[senseflow] {stop}: saved step {self.step}, exiting for requeue", flush=True)
                     return 0
+            self.ckpt.finalize()
             dist.barrier()
             if self.env.is_main:
                 (self.out / DONE_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
@@ -310,14 +319,29 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self):
-        path = self.ckpt.save(self.step)
-        if self.env.is_main:
-            print(f"[senseflow] saved {path}", flush=True)
+    def save(self, wait: bool = False):
+        """A checkpoint of this step (CheckpointManager says when it is published); asynchronous
+        (checkpoint.async_save) unless the run is about to end."""
+        self.ckpt.save(self.step, async_save=self.cfg.checkpoint.async_save and not wait)
+
+    def _expected_save_bytes(self) -> float:
+        """Size of a first checkpoint from the parameter counts: per trainable DiT its weights, fp32 main copy
+        (bf16 weights) and two AdamW moments; the EMA in fp32; the discriminator heads with AdamW."""
+        from megatron_senseflow.models.flops import param_count
+
+        elem = 2 if self.dtype == torch.bfloat16 else 4
+        n = param_count(self.s_arch)
+        total = 2 * n * (elem + (4 if elem == 2 else 0) + 8)
+        if self.ema is not None:
+            total += 4 * n
+        if self.D is not None:
+            total += 12 * sum(p.numel() for p in self.D.net.trainable_parameters())
+        return float(total)
 
     def _maybe_resume(self) -> bool:
-        self.ckpt.clean_partial()
-        latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        if not self.cfg.checkpoint.resume:
+            return False
+        latest = self.ckpt.resume_point()
         if latest is None:
             return False
         self.ckpt.load(latest)
@@ -327,9 +351,9 @@ class Trainer:
     # conditioning of the sample grids
     STATE_FILE = "trainer_state.json"
 
-    def save_state(self, step_dir: Path) -> None:
+    def save_state(self, step_dir: Path, async_save: bool = False) -> list:
         if not self.env.is_main:
-            return
+            return []
         state = {
             "step": self.step,
             "updates": self.updates,
@@ -341,6 +365,7 @@ class Trainer:
         (step_dir / "config.yaml").write_text(dump_config(self.cfg))
         if self.fixed is not None:
             torch.save(self.fixed, step_dir / "fixed_samples.pt")
+        return []
 
     def load_state(self, step_dir: Path) -> None:
         state = json.loads((step_dir / self.STATE_FILE).read_text())

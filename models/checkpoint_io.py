@@ -73,18 +73,20 @@ def check_arch(directory: str | Path, arch: Arch, allow_guidance_drop: bool = Fa
         )
 
 
-def save_model(model: DiTBase, arch: Arch, directory: str | Path) -> None:
-    """Collective over all ranks that hold parts of the model."""
+def save_model(model: DiTBase, arch: Arch, directory: str | Path, async_save: bool = False) -> list:
+    """Collective over all ranks that hold parts of the model. With `async_save` the tensors are written by
+    the returned megatron-core AsyncRequest (the caller schedules and finalizes it); else nothing is returned."""
     directory = Path(directory)
     if not dist.is_initialized() or dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    request = dist_checkpointing.save(model.sharded_state_dict(), str(directory), async_sharded_save=async_save)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_meta(directory, arch, next(model.parameters()).dtype)
     if dist.is_initialized():
         dist.barrier()
+    return [request] if async_save else []
 
 
 def load_model(model: DiTBase, arch: Arch, directory: str | Path, allow_guidance_drop: bool = False) -> None:

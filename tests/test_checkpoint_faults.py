@@ -1,0 +1,116 @@
+"""Checkpoints a cluster can trust, through the real `senseflow train`: a corrupt or truncated file is found,
+its checkpoint renamed (never deleted) and the run resumes from an older one with the uninterrupted run's
+losses; with none intact it refuses (exit 5); a full disk ends the run with one sentence (exit 4) and leaves
+the previous checkpoint as latest; asynchronous saves resume exactly."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_helpers import cli, make_teacher, metrics
+
+pytestmark = pytest.mark.slow
+VOLATILE = ("perf/", "mem/")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "ckpt")
+
+
+def run(teacher, out: Path, steps: int, *extra: str, nproc: int = 2, code: int = 0) -> str:
+    proc = cli(["tiny", f"roles.teacher.checkpoint={teacher}", f"train.output_dir={out}", f"train.max_steps={steps}",
+                "checkpoint.every=2", "logging.log_every=1", "logging.tensorboard=false", *extra], nproc=nproc)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == code, text[-3000:]
+    return text
+
+
+def losses(out: Path) -> dict:
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in metrics(out)}
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run(teacher, out, 6)
+    return losses(out)
+
+
+def _one_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith("senseflow train:")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+def test_a_truncated_shard_is_found_kept_and_an_older_checkpoint_resumes(teacher, reference, tmp_path):
+    run(teacher, tmp_path, 4)
+    ck = tmp_path / "checkpoints"
+    shard = ck / "step_00000004" / "generator" / "__0_1.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a storage fault after COMPLETE
+    text = run(teacher, tmp_path, 6)
+    assert "checkpoint" in text and "generator/__0_1.distcp has" in text and "kept as step_00000004.corrupt" in text
+    assert "resumed at step 2" in text
+    assert (ck / "step_00000004.corrupt" / "generator" / "__0_1.distcp").is_file()  # kept, never deleted
+    assert losses(tmp_path) == reference
+
+
+def test_a_flipped_byte_fails_its_checksum_and_with_none_intact_the_run_refuses(teacher, tmp_path):
+    run(teacher, tmp_path, 2)
+    shard = max((tmp_path / "checkpoints" / "step_00000002" / "fake_score_optim").glob("*.distcp"),
+                key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum sees it
+    shard.write_bytes(bytes(data))
+    line = _one_line(run(teacher, tmp_path, 4, code=5))
+    assert "no intact checkpoint" in line and f"fake_score_optim/{shard.name} fails its checksum" in line
+    assert (tmp_path / "checkpoints" / "step_00000002.corrupt").is_dir()
+    # checkpoint.verify=size skips reading every byte again: a same-size fault is then not seen
+    (tmp_path / "checkpoints" / "step_00000002.corrupt").rename(tmp_path / "checkpoints" / "step_00000002")
+    assert "resumed at step 2" in run(teacher, tmp_path, 4, "checkpoint.verify=size")
+
+
+@contextlib.contextmanager
+def small_disk(mb: int):
+    """A tmpfs of `mb` MB (root only)."""
+    path = Path(f"/tmp/senseflow-disk-{uuid.uuid4().hex[:8]}")
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        path.rmdir()
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'not root'}): the full-disk tests need one")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+        path.rmdir()
+
+
+def test_a_full_disk_is_one_sentence_keeps_the_last_checkpoint_and_removes_the_partial_one(teacher, reference):
+    # first save: 14.7 MB estimated, about 20 MB written: the write itself fails
+    with small_disk(17) as disk:
+        line = _one_line(run(teacher, disk / "run", 2, code=4))
+        assert "could not be written" in line and "(the disk is full)" in line and "no checkpoint was written yet" in line
+        assert not list((disk / "run" / "checkpoints").glob("*.tmp"))
+    # a later save: the previous checkpoint's size says in advance that it cannot fit
+    with small_disk(30) as disk:
+        line = _one_line(run(teacher, disk / "run", 4, code=4))
+        assert "needs about" in line and "step_00000002 is still the latest checkpoint" in line
+        assert (disk / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+        assert not list((disk / "run" / "checkpoints").glob("*.tmp"))
+        os.replace(disk / "run", disk / "moved")  # the user frees the space (here: a bigger disk elsewhere)
+        assert losses(disk / "moved") == {s: reference[s] for s in (1, 2, 3, 4) if s in losses(disk / "moved")}
+
+
+def test_asynchronous_saves_resume_exactly(teacher, reference, tmp_path):
+    run(teacher, tmp_path, 3, "checkpoint.async_save=true")
+    complete = json.loads((tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").read_text())
+    assert any(f.startswith("generator/__") for f in complete["files"])
+    assert "resumed at step 3" in run(teacher, tmp_path, 6, "checkpoint.async_save=true")
+    assert losses(tmp_path) == reference
