@@ -301,8 +301,7 @@ class CheckpointManager:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             queue = AsyncCallsQueue()
-            for r in requests:
-                queue.schedule_async_request(r)
+            queue.schedule_async_request(_one_request(requests))
             self.pending = (step, tmp, queue, start)
             return None
         return self._publish(step, tmp, start)
@@ -366,6 +365,26 @@ class CheckpointManager:
         for old in complete[: max(len(complete) - self.keep_last, 0)]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _one_request(requests: list):
+    """The parts' async requests as one: one forked writer per save instead of one per distributed
+    checkpoint (each fork copies the page tables of a process holding several model copies)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    calls = []
+    for r in requests:
+        args = list(r.async_fn_args)
+        if r.preload_fn:  # staging to host memory happens here, before the fork, as megatron-core does it
+            args[1] = r.preload_fn()
+        calls.append((r.async_fn, args, dict(r.async_fn_kwargs)))
+
+    def write_all():
+        for fn, args, kwargs in calls:
+            if fn is not None:
+                fn(*args, **kwargs)
+
+    return AsyncRequest(write_all, (), [fn for r in requests for fn in r.finalize_fns])
 
 
 def resolve_role_dir(ckpt: str | Path, role: str = "generator") -> Path:

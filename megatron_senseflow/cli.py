@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare-data": ("megatron_senseflow.data.prepare", "write webdataset shards from LAION-style sources; --encode adds latents"),
     "eval": ("megatron_senseflow.eval_cli", "FID / FID-T / patch FID / CLIP score of generated images"),
     "demo": ("megatron_senseflow.demo", "train a small digits teacher, distil it, evaluate (no downloads)"),
+    "drill": ("megatron_senseflow.drill", "fault drill: kill -9, a corrupt checkpoint, a full disk; losses must not change"),
     "slurm": ("megatron_senseflow.slurm.launch", "write (and optionally submit) an sbatch script for a recipe"),
     "memory-plan": ("megatron_senseflow.memory_plan", "per-GPU memory of every role for a recipe and cluster shape"),
 }

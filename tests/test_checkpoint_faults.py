@@ -114,3 +114,22 @@ def test_asynchronous_saves_resume_exactly(teacher, reference, tmp_path):
     assert any(f.startswith("generator/__") for f in complete["files"])
     assert "resumed at step 3" in run(teacher, tmp_path, 6, "checkpoint.async_save=true")
     assert losses(tmp_path) == reference
+
+
+def test_the_fault_drill_passes(teacher):
+    """`senseflow drill`: kill -9 at random moments, a truncated checkpoint file, a full disk; the final
+    losses equal an uninterrupted run's (the README reports a run with 20 kills)."""
+    with small_disk(120) as disk:
+        proc = subprocess.run([*cli_prefix(), "drill", "tiny", f"roles.teacher.checkpoint={teacher}",
+                               "train.max_steps=8", "--out", str(disk), "--kills", "3", "--seed", "1"],
+                              capture_output=True, text=True, timeout=1200)
+    summary = [ln for ln in proc.stdout.splitlines() if ln.startswith("senseflow drill:")]
+    assert proc.returncode == 0 and summary, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 kill -9" in summary[0] and "1 corrupt checkpoint found and skipped" in summary[0]
+    assert "1 full disk refused" in summary[0] and "equal the uninterrupted run's at all 8 steps" in summary[0]
+
+
+def cli_prefix() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "megatron_senseflow.cli"]

@@ -1,0 +1,172 @@
+"""`senseflow drill RECIPE [overrides] --kills N --out DIR`: a fault drill a user can run before trusting a cluster.
+
+Runs the recipe once without interruption (the reference), then again with
+faults, each followed by the same command again, as a requeued job would:
+- `kill -9` of every training process at N random moments (during steps and
+  during saves; saves happen every 2 steps);
+- once, one file of the newest checkpoint truncated (a storage fault after the
+  checkpoint was declared complete): the next start must find it, keep it as
+  `*.corrupt` and resume from an older one;
+- once, the output filesystem filled up (only where it is small, under 1 GB,
+  e.g. a tmpfs: the drill will not fill a real disk): the next save must end the
+  run with exit code 4 and leave the previous checkpoint as latest; the drill
+  then frees the space.
+It passes when the faulted run's losses at every step equal the reference's,
+and prints one summary line. Exit code 0 when it passes, 1 when it does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VOLATILE = ("perf/", "mem/")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="recipe name or YAML path (tiny: a CPU recipe that runs in seconds per step)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides (train.max_steps sets the length)")
+    p.add_argument("--out", required=True, help="folder for the reference and the faulted run")
+    p.add_argument("--kills", type=int, default=3, help="kill -9 at this many random moments (default 3)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes per run (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
+    p.add_argument("--no-corrupt", action="store_true", help="skip the corrupted-file fault")
+    p.add_argument("--no-fill-disk", action="store_true", help="skip the full-disk fault")
+    p.parse_args = p.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def _train(config: str, overrides: list[str], out: Path, nproc: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "megatron_senseflow.cli", "train", config, *overrides, f"train.output_dir={out}",
+           "checkpoint.every=2", "logging.log_every=1", "logging.tensorboard=false"]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _losses(out: Path) -> dict[int, dict]:
+    path = out / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
+
+
+def _saving(out: Path) -> bool:
+    return any((out / "checkpoints").glob("step_*.tmp")) if (out / "checkpoints").is_dir() else False
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out).resolve()
+    ref_dir, run_dir = out / "reference", out / "faulted"
+    for d in (ref_dir, run_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    rng = random.Random(args.seed)
+    say = lambda m: print(f"[drill {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+
+    say(f"reference: {args.config}, {cfg.train.max_steps} steps without faults")
+    t0 = time.monotonic()
+    ref = _train(args.config, args.overrides, ref_dir, args.nproc)
+    text, _ = ref.communicate()
+    if ref.returncode != 0:
+        print(text[-3000:])
+        print(f"senseflow drill: the reference run failed with exit code {ref.returncode}.", file=sys.stderr)
+        return 1
+    ref_seconds = time.monotonic() - t0
+    reference = _losses(ref_dir)
+
+    events = {"kills": 0, "kills_during_save": 0, "corrupt_found": 0, "full_disk_refused": 0, "restarts": 0}
+    corrupt_at = None if args.no_corrupt else rng.randint(0, max(args.kills - 1, 0))
+    fill_at = None if args.no_fill_disk else rng.randint(0, max(args.kills - 1, 0))
+    fill_file = run_dir / "drill_filler.bin"
+    pending_fill_check = False
+    while True:
+        proc = _train(args.config, args.overrides, run_dir, args.nproc)
+        events["restarts"] += 1
+        if events["kills"] < args.kills and not pending_fill_check:
+            # a random moment of this run: starting up, training, or in a save
+            deadline = time.monotonic() + rng.uniform(0.3, 1.0) * ref_seconds
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                during_save = _saving(run_dir)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                events["kills"] += 1
+                events["kills_during_save"] += int(during_save)
+                say(f"kill -9 #{events['kills']}{' during a save' if during_save else ''}")
+                if corrupt_at == events["kills"] - 1:
+                    if _corrupt(run_dir, say):
+                        events["corrupt_found"] += 1
+                    else:  # too early: try again after the next kill
+                        corrupt_at += 1
+                if fill_at == events["kills"] - 1:
+                    pending_fill_check = _fill(run_dir, fill_file, say)
+                continue
+        text, _ = proc.communicate()
+        if pending_fill_check:
+            pending_fill_check = False
+            if proc.returncode == 4:
+                events["full_disk_refused"] += 1
+                say("full disk: the run ended with exit code 4 and one sentence; freeing the space")
+            else:
+                say(f"full disk: expected exit code 4, got {proc.returncode}")
+            fill_file.unlink(missing_ok=True)
+            continue
+        if "corrupt" in text and ".corrupt" in text:
+            say("the corrupt checkpoint was found, kept, and an older one resumed")
+        if proc.returncode != 0:
+            print(text[-3000:])
+            print(f"senseflow drill: the faulted run failed with exit code {proc.returncode}.", file=sys.stderr)
+            return 1
+        if (run_dir / "DONE").is_file():
+            break
+    got = _losses(run_dir)
+    equal = got == reference
+    print(f"senseflow drill: {events['kills']} kill -9 ({events['kills_during_save']} during a save), "
+          f"{events['corrupt_found']} corrupt checkpoint found and skipped, {events['full_disk_refused']} full disk "
+          f"refused, {events['restarts']} starts; final losses "
+          + (f"equal the uninterrupted run's at all {len(reference)} steps." if equal
+             else f"DIFFER from the uninterrupted run's at steps {sorted(s for s in reference if got.get(s) != reference[s])}."))
+    return 0 if equal else 1
+
+
+def _corrupt(run_dir: Path, say) -> int:
+    """Truncate the largest shard of the newest complete checkpoint (a fault after COMPLETE was written)."""
+    from .checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(run_dir / "checkpoints")
+    latest = ckpt.latest()
+    if len(ckpt.complete()) < 2:  # the run must have an older one to fall back to
+        say("corrupt: fewer than two checkpoints yet; trying after the next kill")
+        return 0
+    shard = max(latest.rglob("*.distcp"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    say(f"corrupt: truncated {shard.relative_to(run_dir)} to half")
+    return 1
+
+
+def _fill(run_dir: Path, filler: Path, say) -> bool:
+    """Fill the output filesystem, leaving 1 MB, if it is small (under 1 GB): the drill never fills a real disk."""
+    free = shutil.disk_usage(run_dir).free
+    if free > 1 << 30:
+        say(f"full disk: skipped, the output filesystem has {free / 1e9:.1f} GB free (run the drill on a small "
+            "filesystem, e.g. a tmpfs, to include this fault)")
+        return False
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        remaining = free - (1 << 20)
+        block = b"\0" * (1 << 20)
+        while remaining > 0:
+            f.write(block[: min(len(block), remaining)])
+            remaining -= len(block)
+    say(f"full disk: filled {run_dir} up to 1 MB free")
+    return True
