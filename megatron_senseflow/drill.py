@@ -75,12 +75,19 @@ def run(args: argparse.Namespace) -> int:
     say(f"reference: {args.config}, {cfg.train.max_steps} steps without faults")
     t0 = time.monotonic()
     ref = _train(args.config, args.overrides, ref_dir, args.nproc)
-    text, _ = ref.communicate()
+    startup = None
+    while ref.poll() is None:  # when the first step is logged: start-up time, then time per step
+        if startup is None and (ref_dir / "metrics.jsonl").exists():
+            startup = time.monotonic() - t0
+        time.sleep(0.05)
+    text = ref.stdout.read()
     if ref.returncode != 0:
         print(text[-3000:])
         print(f"senseflow drill: the reference run failed with exit code {ref.returncode}.", file=sys.stderr)
         return 1
-    ref_seconds = time.monotonic() - t0
+    total = time.monotonic() - t0
+    startup = startup or total / 2
+    per_step = max(total - startup, 0.1) / cfg.train.max_steps
     reference = _losses(ref_dir)
 
     events = {"kills": 0, "kills_during_save": 0, "corrupt_found": 0, "full_disk_refused": 0, "restarts": 0}
@@ -92,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         proc = _train(args.config, args.overrides, run_dir, args.nproc)
         events["restarts"] += 1
         if events["kills"] < args.kills and not pending_fill_check:
-            # a random moment of this run: starting up, training, or in a save
-            deadline = time.monotonic() + rng.uniform(0.3, 1.0) * ref_seconds
+            # a random moment of what this run has left to do: late in start-up, in a step, or in a save
+            left = cfg.train.max_steps - _resume_step(run_dir)
+            deadline = time.monotonic() + startup * rng.uniform(0.8, 1.0) + rng.uniform(0, 0.9) * left * per_step
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.02)
             if proc.poll() is None:
@@ -137,6 +145,13 @@ def run(args: argparse.Namespace) -> int:
           + (f"equal the uninterrupted run's at all {len(reference)} steps." if equal
              else f"DIFFER from the uninterrupted run's at steps {sorted(s for s in reference if got.get(s) != reference[s])}."))
     return 0 if equal else 1
+
+
+def _resume_step(run_dir: Path) -> int:
+    from .checkpoint import CheckpointManager
+
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    return int(latest.name.split("_")[1]) if latest else 0
 
 
 def _corrupt(run_dir: Path, say) -> int:
