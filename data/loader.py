@@ -423,7 +423,15 @@ class ShardLoader:
         """End of a run: kill the worker processes at once. A worker can sit blocked on a full pipe that
         nobody reads any more, and it ignores SIGTERM (signals.ignore_in_worker), so a polite shutdown
         could wait for ever; nothing of a worker's is worth waiting for at this point."""
-        for w in getattr(getattr(self, "_items", None), "_workers", None) or []:
+        items = getattr(self, "_items", None)
+        if items is not None and getattr(items, "_worker_pids_set", False):
+            # unregister the workers from torch's SIGCHLD check first, or their death raises
+            # "DataLoader worker is killed by signal" in whatever this process is doing next
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(items))
+            items._worker_pids_set = False
+        for w in getattr(items, "_workers", None) or []:
             if w.is_alive():
                 w.kill()
                 w.join(timeout=5)

@@ -79,8 +79,9 @@ class _Stderr:
         self.printer.join(timeout=5)
 
 
-def launch(nproc: int, argv: list[str], last_checkpoint) -> int:
-    """Run `train_cli` with `argv` in `nproc` ranks; `last_checkpoint()` names the newest complete checkpoint."""
+def launch(nproc: int, argv: list[str], last_checkpoint=lambda: None, module: str = "megatron_senseflow.train_cli",
+           prog: str = "senseflow train") -> int:
+    """Run `python -m module argv` in `nproc` ranks; `last_checkpoint()` names the newest complete checkpoint."""
     from .distributed import free_port
 
     port = str(free_port())
@@ -90,8 +91,8 @@ def launch(nproc: int, argv: list[str], last_checkpoint) -> int:
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SENSEFLOW_LAUNCHER": "1"}
-        p = subprocess.Popen([sys.executable, "-m", "megatron_senseflow.train_cli", *argv], env=env,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_die_with_parent)
+        p = subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=die_with_parent)
         procs.append(p)
         t = threading.Thread(target=errs.pump, args=(rank, p.stderr), daemon=True)
         t.start()
@@ -131,7 +132,7 @@ def launch(nproc: int, argv: list[str], last_checkpoint) -> int:
     if signal.SIGINT in received:
         last = last_checkpoint()
         where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
-        print(f"senseflow train: interrupted; {where} (rerun the same command to resume from it).",
+        print(f"{prog}: interrupted; {where} (rerun the same command to resume from it).",
               file=sys.stderr, flush=True)
         return errors.INTERRUPTED
     if cause is None:
@@ -140,14 +141,14 @@ def launch(nproc: int, argv: list[str], last_checkpoint) -> int:
     rank, code = cause
     if code < 0 or code == errors.ERROR:
         how = f"was killed by signal {-code}" if code < 0 else "failed (its traceback is above)"
-        print(f"senseflow train: rank {rank} {how}; the other ranks were stopped.", file=sys.stderr, flush=True)
+        print(f"{prog}: rank {rank} {how}; the other ranks were stopped.", file=sys.stderr, flush=True)
         return errors.ERROR
     return code
 
 
-def _die_with_parent() -> None:
-    """In the rank, before exec: SIGKILL it if the launcher dies (a killed launcher must not leave ranks
-    running; Linux prctl PR_SET_PDEATHSIG, a no-op elsewhere). The rank's loader workers follow it."""
+def die_with_parent() -> None:
+    """In a child process (a rank, before exec; a helper process of a rank): SIGKILL it when its parent dies
+    (a killed launcher must not leave ranks running; Linux prctl PR_SET_PDEATHSIG, a no-op elsewhere)."""
     try:
         import ctypes
 

@@ -79,14 +79,55 @@ def keep_adam_step_on_load(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = set_states
 
 
-def save_optimizer(role_module, optimizer, directory: str, async_save: bool = False) -> list:
-    """The distributed optimizer's state in `directory` (collective); with `async_save`, the AsyncRequest."""
+_results_manager = None
+
+
+def _own_write_results_queue() -> None:
+    """megatron-core 0.16's FileSystemWriterAsync, which every torch_dist save goes through (synchronous ones
+    too), starts a multiprocessing Manager server (spawn context) at the first save and never stops it: a rank
+    that ends with os._exit, or is killed, leaves that ~270 MB server running, holding the rank's stdout and
+    stderr open, so whoever reads them (torchrun's caller, a test) waits for ever. We start that server
+    ourselves instead, SIGKILLed when this process dies (PR_SET_PDEATHSIG), and stop it in `shutdown()`."""
+    global _results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from .launcher import die_with_parent
+
+    _results_manager = SyncManager(ctx=mp.get_context("spawn"))
+    _results_manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = _results_manager.Queue()
+
+
+def shutdown() -> None:
+    """End of a process that saved checkpoints: stop the helper process megatron-core's writer uses."""
+    global _results_manager
+    if _results_manager is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._results_queue = None
+        _results_manager.shutdown()
+        _results_manager = None
+
+
+def dist_save(sharded_state_dict: dict, directory: str, async_save: bool = False):
+    """megatron-core's dist_checkpointing.save (collective), without leaving a helper process behind."""
     from megatron.core import dist_checkpointing
 
+    _own_write_results_queue()
+    return dist_checkpointing.save(sharded_state_dict, directory, async_sharded_save=async_save)
+
+
+def save_optimizer(role_module, optimizer, directory: str, async_save: bool = False) -> list:
+    """The distributed optimizer's state in `directory` (collective); with `async_save`, the AsyncRequest."""
     if not any(opt.optimizer.state for opt in _inner_optimizers(optimizer)):
         prime_optimizer_state(optimizer)  # a save before this role's first update
     sd = optimizer.sharded_state_dict(role_module.sharded_state_dict(), metadata=OPTIMIZER_METADATA)
-    request = dist_checkpointing.save(sd, directory, async_sharded_save=async_save)
+    request = dist_save(sd, directory, async_save)
     return [request] if async_save else []
 
 

@@ -514,15 +514,15 @@ class EMA:
                 for k, v in module.sharded_state_dict().items() if id(v.data) in by_param}
 
     def save_state(self, step_dir: Path, async_save: bool = False) -> list:
-        from megatron.core import dist_checkpointing
-
         from megatron_senseflow.models.checkpoint_io import write_meta
+
+        from .mcore_compat import dist_save
 
         directory = step_dir / self.name
         if dist.get_rank() == 0:
             directory.mkdir()
         dist.barrier()
-        request = dist_checkpointing.save(self._sharded(), str(directory), async_sharded_save=async_save)
+        request = dist_save(self._sharded(), str(directory), async_save)
         if dist.get_rank() == 0:
             write_meta(directory, self.generator.arch, torch.float32)
         return [request] if async_save else []

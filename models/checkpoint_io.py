@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_senseflow.errors import UserError
+from megatron_senseflow.mcore_compat import dist_save
 
 from .base import DiTBase, StageLayout, packed_part_names
 from .configs import Arch, arch_from_dict, arch_to_dict
@@ -81,7 +82,7 @@ def save_model(model: DiTBase, arch: Arch, directory: str | Path, async_save: bo
         directory.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    request = dist_checkpointing.save(model.sharded_state_dict(), str(directory), async_sharded_save=async_save)
+    request = dist_save(model.sharded_state_dict(), str(directory), async_save)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_meta(directory, arch, next(model.parameters()).dtype)
     if dist.is_initialized():
