@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--format", choices=sorted(SOURCES), help="input format when writing shards")
     parser.add_argument("--resolution", type=int, default=1024, help="output side in pixels (default 1024)")
-    parser.add_argument("--min-side", type=int, default=1024, help="drop images whose shorter side is smaller (default 1024)")
+    parser.add_argument("--min-side", type=int, default=None,
+                        help="drop images whose shorter side is smaller (default: --resolution, as the paper's filter at 1024)")
     parser.add_argument("--min-aesthetic", type=float, default=5.0, help="drop images scored below (default 5.0)")
     parser.add_argument(
         "--missing-aesthetic", choices=MISSING_AESTHETIC_POLICIES, default="keep",
@@ -78,7 +79,7 @@ def _write(args: argparse.Namespace) -> int:
             format=args.format,
             input=args.input,
             resolution=args.resolution,
-            min_side=args.min_side,
+            min_side=args.min_side if args.min_side is not None else args.resolution,
             min_aesthetic=args.min_aesthetic,
             missing_aesthetic=args.missing_aesthetic,
             ratios=parse_ratios(args.buckets),
@@ -89,7 +90,15 @@ def _write(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     manifest = write_shards(settings, args.out, args.workers)
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    line = f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
+    inputs = manifest["stats"].get("inputs", 0)
+    if inputs and manifest["num_samples"] < inputs / 2:
+        st = manifest["stats"]
+        reasons = {**st.get("filtered", {}), **st.get("skipped", {})}
+        top = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        line += (f"; only {manifest['num_samples']} of {inputs} inputs were kept ({top}): check --min-side "
+                 f"({settings.min_side}) and --min-aesthetic ({settings.min_aesthetic})")
+    print(line)
     return 0
 
 

@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("megatron_senseflow.sample_cli", "1/2/4-step sampling from a checkpoint or an exported diffusers model"),
     "convert": ("megatron_senseflow.tools.convert_checkpoint", "convert weights between diffusers and Megatron layouts (import / export)"),
     "export": ("megatron_senseflow.tools.convert_checkpoint", "export a trained role to a diffusers transformer / pipeline directory"),
+    "verify": ("megatron_senseflow.tools.verify_conversion", "check a converted checkpoint against diffusers' model (any TP/PP)"),
     "prepare-data": ("megatron_senseflow.data.prepare", "write webdataset shards from LAION-style sources; --encode adds latents"),
     "eval": ("megatron_senseflow.eval_cli", "FID / FID-T / patch FID / CLIP score of generated images"),
     "demo": ("megatron_senseflow.demo", "train a small digits teacher, distil it, evaluate (no downloads)"),

@@ -381,6 +381,9 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    purpose: Literal["training", "test", "demo"] = "training"
+    """'training' refuses every stand-in (a random teacher or DINOv2, synthetic data, the pixel codec, the
+    pooled text condition); a recipe that declares 'test' or 'demo' may use them, and the banner names each."""
     method: Literal["senseflow", "dmd2", "sid"] = "senseflow"
     """Objective: 'senseflow' (DMD + ISG + IDA + GAN), 'dmd2' (IDA and ISG off) or 'sid'."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -406,13 +409,32 @@ class Config:
 
         return OBJECTIVES[self.method].wants_discriminator(self)
 
+    def stand_ins(self) -> list[str]:
+        """What this run replaces by a stand-in, one phrase each (the start banner lists them)."""
+        out = []
+        if not self.roles.teacher.checkpoint:
+            out.append("a random teacher (roles.teacher.checkpoint is not set)")
+        if not self.data.path:
+            out.append("synthetic data (data.path is not set)")
+        dc = self.roles.discriminator
+        if self.wants_discriminator():
+            if not dc.dinov2 or dc.dinov2 == "tiny":
+                out.append(f"a random tiny DINOv2 (roles.discriminator.dinov2={dc.dinov2})")
+            if not dc.vae or dc.vae == "pixel":
+                out.append("the pixel codec decodes latents for the discriminator (roles.discriminator.vae is not set)")
+            if dc.text_condition == "pooled":
+                out.append("the pooled text embedding conditions the discriminator instead of CLIP ViT-L/14 "
+                           "(roles.discriminator.text_condition=pooled)")
+        return out
+
     def missing_assets(self) -> list[str]:
-        """Sentences naming the local paths a real (non-tiny) run still needs; empty when it can start.
+        """Sentences naming what a training run (purpose 'training') still needs; empty when it can start.
 
         Bundled recipes leave these paths null because nothing is downloaded; starting a
         12B run against a random teacher or a random DINOv2 would burn a cluster for nothing.
+        Test and demo recipes may run on stand-ins; the banner says which.
         """
-        if self.model.preset.startswith("tiny"):
+        if self.purpose != "training":
             return []
         missing = []
         label = self.model.preset
@@ -435,6 +457,9 @@ class Config:
                 missing.append("roles.discriminator.clip is not set: the heads' CLIP ViT-L/14 condition projects "
                                "FLUX's pooled CLIP-L embedding with CLIP's text projection; pass "
                                "roles.discriminator.clip=DIR (a transformers clip-vit-large-patch14).")
+            if dc.text_condition == "pooled":
+                missing.append("roles.discriminator.text_condition=pooled is a stand-in for tests and the demo; a "
+                               "training run conditions the heads on CLIP ViT-L/14 (text_condition=clip_l).")
         return missing
 
     def validate(self, world_size: int | None = None) -> None:

@@ -360,6 +360,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
 
 def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cfg: float) -> dict:
     return {
+        "purpose": "demo",
         "method": "senseflow",
         "model": {"preset": "tiny-flux", "arch": TEACHER, "params_dtype": "float32"},
         "parallel": {"tp": nproc},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ class InceptionFeatures(nn.Module):
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x_uint8.float(), size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True)
+
+
+MIN_FID_IMAGES = 1000  # below this a Frechet distance over 2048-dim Inception features is mostly noise
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -206,9 +210,18 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
                 raise ConfigError("FID needs --reference (a folder of images) and --inception (a local TorchScript Inception).")
             feature = feature if feature is not None else InceptionFeatures(args.inception)
             reference = list_images(args.reference)
+            few = min(len(images), len(reference))
+            if few < MIN_FID_IMAGES:
+                print(f"warning: FID from {few} images is dominated by sampling noise (its covariances are 2048 x 2048); "
+                      f"the paper's protocol uses 5000 (COCO-5K), use at least {MIN_FID_IMAGES} for a number to "
+                      "compare.", file=sys.stderr)
             if "fid" in wanted:
                 results["fid"] = fid(feature, images, reference, args.batch)
             if "patch_fid" in wanted:
+                side = min(min(load_uint8(f).shape[1:]) for f in images[:1] + reference[:1])
+                if side < 299:
+                    print(f"warning: the images are {side} px, below the 299 px patch: patch FID resizes each whole "
+                          "image instead of cropping, so it equals FID here.", file=sys.stderr)
                 results["patch_fid"] = fid(feature, images, reference, args.batch, patches=args.patches_per_image)
         if "clip" in wanted:
             if not args.clip or not args.prompts:

@@ -89,6 +89,11 @@ def gan_weights(cfg: Config, taus: list[float], positions: list[float]) -> list[
     return [float(flow.shift((flow.TABLE_STEPS - flow.anchor_index(p)) / flow.TABLE_STEPS, m)) ** 2 for p in positions]
 
 
+def anchor_positions(k: int) -> list[float]:
+    """The K anchors before the shift: 1, (K-1)/K, ..., 1/K."""
+    return [1 - i / k for i in range(k)]
+
+
 def isg_grid(cfg: Config, taus: list[float], positions: list[float]) -> list[tuple[int, int, float]]:
     """Per anchor: (lowest, highest) integer grid step of ISG's t_mid and the segment's end sigma
     (distill.isg_grid: 'sigma' steps are 1000 sigma, 'scheduler_index' steps index the shifted table)."""
@@ -140,14 +145,19 @@ class Objective:
         """The one place that decides whether a run builds and trains the discriminator."""
         return cls.uses_discriminator and cfg.roles.discriminator.enabled
 
+    @classmethod
+    def check(cls, cfg: Config, taus: list[float]) -> None:
+        """Refuse settings that cannot work with these anchors (ConfigError), before any model is built."""
+        if cls.use_isg:
+            isg_grid(cfg, taus, anchor_positions(len(taus)))
+
     def __init__(self, cfg: Config, roles: Roles, taus: list[float], env, guard: UpdateGuard,
                  force_two_pass: bool = False):
         self.cfg, self.d = cfg, cfg.distill
         self.roles = roles
         self.G, self.F, self.T, self.D = roles.generator, roles.fake_score, roles.teacher, roles.discriminator
         self.taus = taus
-        k = len(taus)
-        self.positions = [1 - i / k for i in range(k)]  # anchors before the shift
+        self.positions = anchor_positions(len(taus))
         self.gan_w = gan_weights(cfg, taus, self.positions)
         self.isg = isg_grid(cfg, taus, self.positions) if self.use_isg else None
         self.env = env

@@ -27,12 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for PNGs")
     p.add_argument("--text-encoder", required=True, help="diffusers pipeline directory with the text encoders, or 'demo'")
     p.add_argument("--vae", default=None, help="pipeline or VAE directory; 'pixel' for pixel-space models (default: --text-encoder's vae/)")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (1, 2, 4 for a student; many for a teacher)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (1, 2, 4 for a student; many for a teacher; default: the training run's, else 4)")
     p.add_argument("--sampler", default="stochastic", choices=["stochastic", "euler"])
-    p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the family's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixels per side (default: the training run's data.resolution, else 1024)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the training run's anchors, "
+                   "else the family's)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (teachers; 1 = off)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance embedding value for FLUX.1-dev-style models")
+    p.add_argument("--guidance", type=float, default=None, help="guidance embedding value for models that embed it "
+                   "(default: the training run's student guidance, else 3.5 as FLUX.1-dev)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=1, help="samples per prompt")
@@ -71,6 +75,9 @@ def load_model(args, tp: int, pp: int):
 
         role_dir = resolve_role_dir(args.ckpt, args.role)
         arch = checkpoint_arch(role_dir)
+        step = role_dir.parent.name if role_dir.parent.name.startswith("step_") else None
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            print(f"sampling the {role_dir.name} of {step or 'a role checkpoint'} ({role_dir})", flush=True)
         module = build_model(arch, transformer_config(arch, tp=tp, pp=pp))
         load_role(module, arch, role_dir)
     else:
@@ -104,9 +111,19 @@ def run(args: argparse.Namespace) -> int:
         role = Role("sampler", arch, module)
         channels = arch.latent_channels
         codec = load_codec(args.vae, args.text_encoder, channels).to(env.device)
-        text = load_text_encoder(args.text_encoder, arch.family, None)
-        side = args.resolution // codec.factor
-        m = args.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
+        run_cfg = training_config(args.ckpt) if args.ckpt else None
+        d = run_cfg.distill if run_cfg is not None else None
+        steps = args.steps or (d.num_steps if d else 4)
+        resolution = args.resolution or (run_cfg.data.resolution if run_cfg else 1024)
+        guidance = args.guidance if args.guidance is not None else (d.student_guidance if d else 3.5)
+        text = load_text_encoder(args.text_encoder, arch.family, run_cfg.data.text_max_length if run_cfg else None)
+        side = resolution // codec.factor
+        tokens = image_tokens(arch, side, side)
+        m = args.shift or (d.shift if d else None) or flow.default_shift(arch.family, tokens)
+        if d is not None and steps == d.num_steps and args.shift is None:  # the anchors the student trained at
+            taus = flow.student_anchors(steps, d.shift, arch.family, tokens, d.anchor_rounding)
+        else:
+            taus = flow.anchors(steps, m)
         out = Path(args.out)
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         for start in range(0, len(jobs), args.batch):
             chunk = jobs[start : start + args.batch]
             c, p = (t.to(env.device) for t in text.encode([prompts[i] for i, _ in chunk]))
-            g_val = torch.full((len(chunk),), args.guidance, device=env.device) if arch.guidance_embeds else None
+            g_val = torch.full((len(chunk),), guidance, device=env.device) if arch.guidance_embeds else None
             noise = torch.randn(len(chunk), channels, side, side, generator=gen).to(env.device)
 
             def vel(cc, pp):
@@ -126,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
             if args.cfg != 1.0:
                 ec, ep = (t.to(env.device) for t in text.encode([""] * len(chunk)))
                 v = guided(v, vel(ec, ep), args.cfg)
-            if args.steps <= 4:
-                x0 = sample_student(v, noise, flow.anchors(args.steps, m), args.sampler, gen)
+            if steps <= 4:
+                x0 = sample_student(v, noise, taus, args.sampler, gen)
             else:
-                x0 = sample_euler(v, noise, flow.teacher_sigmas(args.steps, m))
+                x0 = sample_euler(v, noise, flow.teacher_sigmas(steps, m))
             images = codec.decode(x0.float()).clamp(-1, 1)
             if env.is_main:
                 for (i, k), img in zip(chunk, images):
@@ -138,10 +155,28 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         if env.is_main:
             (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
-            print(f"wrote {len(jobs)} images to {out}")
+            print(f"wrote {len(jobs)} images of {resolution} px ({steps} {args.sampler if steps <= 4 else 'euler'} "
+                  f"steps) to {out}")
         return 0
     finally:
         destroy_distributed()
+
+
+def training_config(ckpt: str):
+    """The resolved config of the training run a --ckpt path belongs to (its step's or output's
+    config.yaml), or None for a role checkpoint outside a run."""
+    from .checkpoint import CheckpointManager
+    from .config import ConfigError, load_config
+
+    p = Path(ckpt)
+    latest = CheckpointManager(p / "checkpoints").latest() if p.is_dir() else None
+    for cand in (p / "config.yaml", p.parent / "config.yaml", *([latest / "config.yaml"] if latest else [])):
+        if cand.is_file():
+            try:
+                return load_config(str(cand))
+            except ConfigError:
+                return None  # a config this version cannot read: fall back to the flags' defaults
+    return None
 
 
 def save_png(img_CHW: torch.Tensor, path: Path) -> None:

@@ -47,6 +47,11 @@ def quiet_known_warnings() -> None:
 
     for msg in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=re.escape(msg))
+    import torch
+
+    if not torch.cuda.is_available():
+        # advice about overlapping CUDA streams; on a GPU it stays (slurm/env.sh sets the variable)
+        warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         from .recipe_card import print_card
 
         return print_card(cfg, args.nproc if args.nproc > 1 else None, args.json)
+    missing = cfg.missing_assets()
+    if missing:
+        from .config import ConfigError
+
+        raise ConfigError(missing[0])
     if args.nproc > 1 and not _launched():
         cfg.validate(world_size=args.nproc)
         from .checkpoint import CheckpointManager
@@ -118,6 +128,9 @@ def main() -> int:
         code = USER_ERROR
     # end now: interpreter shutdown would join data-loader workers and other helper processes, which a
     # failed or interrupted run may have left blocked on a pipe nobody reads
+    from . import mcore_compat
+
+    mcore_compat.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -75,6 +75,12 @@ class Trainer:
         self.num_img = image_tokens(self.t_arch, self.latent_side, self.latent_side)
         tokens = (self.num_img, c.data.text_max_length)
         self.local_batch = c.data.micro_batch_size * c.parallel.num_microbatches
+        # what a person can get wrong in the config or the data is refused here, before minutes of model building
+        d = c.distill
+        self.taus = flow.student_anchors(d.num_steps, d.shift, self.t_arch.family, self.num_img, d.anchor_rounding)
+        method = OBJECTIVES[c.method]
+        method.check(c, self.taus)
+        self.data = build_data_source(c, env, self.latent_channels, self.latent_side, self.t_arch, self.dev)
 
         def tconf(arch, recompute, precision="bf16", fp8_format="hybrid", fp8_param=False):
             fp8 = fp8_format if precision == "fp8" else None
@@ -85,27 +91,32 @@ class Trainer:
         common = dict(spec=c.model.spec, pp_split=c.parallel.pp_split, tokens=tokens, parallel=c.parallel,
                       max_steps=c.train.max_steps, num_microbatches=c.parallel.num_microbatches)
         r = c.roles
+        from megatron_senseflow.models.flops import param_count
+
+        n = param_count(self.t_arch)
+        size = f"{self.t_arch.label} {n / 1e9:.2f} B" if n >= 1e8 else f"{self.t_arch.label} {n / 1e6:.2f} M"
         # teacher: forward only, so E4M3 throughout; fake score: E4M3 forward, E5M2 gradients
-        self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none", r.teacher.precision, "e4m3",
-                                                          r.teacher.fp8_weights), **common)
-        self._init_teacher()
+        with self._phase(f"building the teacher ({size} parameters, tp={c.parallel.tp} pp={c.parallel.pp})"
+                         + (f" from {r.teacher.checkpoint}" if r.teacher.checkpoint else " with random weights")):
+            self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none", r.teacher.precision, "e4m3",
+                                                              r.teacher.fp8_weights), **common)
+            self._init_teacher()
         init = self._student_init
-        self.G = build_role("generator", self.s_arch, tconf(self.s_arch, c.model.recompute),
-                            optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
-        self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
-                            optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
+        with self._phase("building the generator and the fake score (copies of the teacher) and their optimizers"):
+            self.G = build_role("generator", self.s_arch, tconf(self.s_arch, c.model.recompute),
+                                optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
+            self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
+                                optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
         ema = EMA(self.G, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
         self.ema = ema
 
         self.global_batch = self.local_batch * env.dp
-        method = OBJECTIVES[c.method]
-        self.D = self._build_discriminator() if c.wants_discriminator() else None
-        d = c.distill
-        self.taus = flow.student_anchors(d.num_steps, d.shift, self.t_arch.family, self.num_img, d.anchor_rounding)
+        self.D = None
+        if c.wants_discriminator():
+            with self._phase("building the discriminator (DINOv2, heads, VAE decoder)"):
+                self.D = self._build_discriminator()
         self.roles = Roles(self.G, self.F, self.T, self.D, ema)
         self.objective = method(c, self.roles, self.taus, env, self._guarded_update, force_two_pass)
-
-        self.data = build_data_source(c, env, self.latent_channels, self.latent_side, self.t_arch, self.dev)
         parts = {"generator": self.G, "fake_score": self.F, "ema": ema, "discriminator": self.D, "data": self.data,
                  "trainer": self}
         self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last,
@@ -121,6 +132,22 @@ class Trainer:
                        for r in (self.G, self.F, self.T)}
 
     # ------------------------------------------------------------------ building
+    def _phase(self, what: str):
+        """A progress line on rank 0 when a long start-up phase begins, and how long it took (12B models take
+        minutes to build and load)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def phase():
+            t0 = time.time()
+            if self.env.is_main:
+                print(f"[senseflow] {what} ...", flush=True)
+            yield
+            if self.env.is_main:
+                print(f"[senseflow]   done in {time.time() - t0:.1f} s", flush=True)
+
+        return phase()
+
     def _init_teacher(self):
         path = self.cfg.roles.teacher.checkpoint
         if path:
@@ -206,6 +233,11 @@ class Trainer:
             print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
+            for line in c.stand_ins():
+                print(f"[senseflow] stand-in: {line}", flush=True)
+            if self.step >= c.train.max_steps:
+                print(f"[senseflow] nothing to do: {self.out} is at step {self.step} and train.max_steps is "
+                      f"{c.train.max_steps}; raise train.max_steps to train further.", flush=True)
         if c.checkpoint.save_on_signal:
             signals.install()  # idempotent; `senseflow train` already did it before importing torch
         data_iter = iter(self.data)
@@ -341,10 +373,12 @@ class Trainer:
     def _maybe_resume(self) -> bool:
         if not self.cfg.checkpoint.resume:
             return False
-        latest = self.ckpt.resume_point()
+        with self._phase("checking the checkpoints to resume from"):
+            latest = self.ckpt.resume_point()
         if latest is None:
             return False
-        self.ckpt.load(latest)
+        with self._phase(f"loading {latest}"):
+            self.ckpt.load(latest)
         return True
 
     # the trainer's own checkpoint part: loop counters, NaN counters, the resolved config and the

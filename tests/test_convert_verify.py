@@ -1,4 +1,4 @@
-"""tools/verify_conversion.py: passes for a faithful conversion at TP=1, 2 and PP=2, fails loudly otherwise.
+"""`senseflow verify` (tools/verify_conversion.py): passes for a faithful conversion at TP=1, 2 and PP=2, fails loudly otherwise.
 
 Real launches (`python` and `torchrun`), as users run it; each costs a few
 seconds of imports per process, so there are four.
@@ -37,15 +37,29 @@ def _value(line: str) -> float:
 
 
 def _torchrun(n, *args):
-    return run_py("-m", "torch.distributed.run", "--nproc-per-node", str(n), "tools/verify_conversion.py", *args)
+    return run_py("-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "megatron_senseflow.tools.verify_conversion",
+                  *args)
+
+
+def _verify(*args):
+    return run_py("-m", "megatron_senseflow.cli", "verify", *args)
 
 
 @pytest.mark.slow
 def test_passes_single_process(converted):
     src, _, ckpt = converted
-    r = run_py("tools/verify_conversion.py", "--hf", str(src), "--ckpt", str(ckpt))
+    r = _verify("--hf", str(src), "--ckpt", str(ckpt))
     assert r.returncode == 0, r.stderr[-3000:]
     assert _value(last_line(r.stdout)) < 1e-5
+    assert len(r.stdout.splitlines()) <= 5 and "Warning" not in r.stderr  # the result, not library noise
+
+
+@pytest.mark.slow
+def test_the_verb_starts_its_own_processes_for_tp2(converted):
+    src, _, ckpt = converted
+    r = _verify("--hf", str(src), "--ckpt", str(ckpt), "--tp", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tp=2 pp=1" in r.stdout and _value(last_line(r.stdout)) < 1e-5
 
 
 @pytest.mark.slow
@@ -60,7 +74,7 @@ def test_passes_under_torchrun(converted, tp, pp):
 @pytest.mark.slow
 def test_fails_loudly_for_another_models_checkpoint(converted):
     _, other, ckpt = converted
-    r = run_py("tools/verify_conversion.py", "--hf", str(other), "--ckpt", str(ckpt))
+    r = _verify("--hf", str(other), "--ckpt", str(ckpt))
     assert r.returncode == 1
     assert _value(last_line(r.stdout)) > 0.1
     assert "FAIL: max_rel_err" in r.stdout and "above the fp32 tolerance" in r.stdout
@@ -106,6 +120,6 @@ def test_bf16_compute_on_sd35(tmp_path):
     """bf16 compute states its own tolerance; diffusers' SD3 keeps pos_embed.proj in fp32 unless told otherwise."""
     src = save_tiny("sd35-medium", tmp_path / "hf", torch.bfloat16)
     run_distributed(_import, 1, str(src), str(tmp_path / "ckpt"))
-    r = run_py("tools/verify_conversion.py", "--hf", str(src), "--ckpt", str(tmp_path / "ckpt"), "--dtype", "bf16")
+    r = _verify("--hf", str(src), "--ckpt", str(tmp_path / "ckpt"), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bf16 tolerance 5e-02" in r.stdout and _value(last_line(r.stdout)) < 5e-2

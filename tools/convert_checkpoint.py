@@ -347,6 +347,11 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite, progress=args.progress)
         what = "role checkpoint"
     else:
+        from megatron_senseflow.checkpoint import resolve_role_dir
+
+        role_dir = resolve_role_dir(args.ckpt, args.role)
+        step = role_dir.parent.name if role_dir.parent.name.startswith("step_") else "a role checkpoint"
+        print(f"{prog}: exporting the {role_dir.name} of {step} ({role_dir})", flush=True)
         out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
                                 max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
                                 overwrite=args.overwrite, progress=args.progress)

@@ -1,7 +1,7 @@
-"""Check a converted checkpoint: diffusers' model and ours, same random inputs, same outputs.
+"""`senseflow verify`: a converted checkpoint against diffusers' model, same random inputs, same outputs.
 
-    torchrun --nproc-per-node N tools/verify_conversion.py --hf DIR --ckpt CKPT --tp T --pp P
-    python tools/verify_conversion.py --hf DIR --ckpt CKPT           # TP=1, PP=1, no launcher needed
+    senseflow verify --hf DIR --ckpt CKPT [--tp T --pp P]    # starts T x P local processes itself
+    torchrun --nproc-per-node N -m megatron_senseflow.tools.verify_conversion --hf DIR --ckpt CKPT --tp T --pp P
 
 Every rank loads its part of CKPT at the asked TP/PP (`load_model`, which
 reshards at load) and runs it through megatron's pipeline schedule, as
@@ -83,7 +83,7 @@ def check_layout(arch, tp: int, pp: int, world: int) -> None:
                           f"run `torchrun --nproc-per-node {tp * pp} tools/verify_conversion.py ...`.") from None
 
 
-def resolve(args):
+def resolve(args, world: int | None = None):
     """Paths and architectures, checked before any process group exists (so errors come once, early)."""
     from megatron_senseflow.models.checkpoint_io import (
         CheckpointError,
@@ -109,7 +109,7 @@ def resolve(args):
                 "directory, or verify the teacher checkpoint against FLUX.1-dev)") if k == "guidance_embeds" else ""
         raise VerifyError(f"{role_dir} holds {a['family']} with {k}={a.get(k)!r} but {src} has {k}={b.get(k)!r}; "
                           f"they are different architectures{hint}.")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(arch, args.tp, args.pp, world)
     if args.latent_size % 2 or args.latent_size < 2:
         raise VerifyError(f"--latent-size {args.latent_size} must be a positive even number (2x2 patches).")
@@ -119,16 +119,17 @@ def resolve(args):
 def run(args) -> int:
     import torch.distributed as dist
 
-    from megatron_senseflow.config import ConfigError, ParallelConfig
+    from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import destroy_distributed, init_distributed
-    from megatron_senseflow.tools.hf_io import ConversionError
+
+    from megatron_senseflow.errors import UserError
 
     try:
         src, role_dir, arch = resolve(args)
         env = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), seed=args.seed, device=args.device)
-    except (VerifyError, ConversionError, ConfigError) as e:
+    except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"verify_conversion: {e}", file=sys.stderr)
+            print(f"senseflow verify: {e}", file=sys.stderr)
         return 2
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -198,7 +199,7 @@ def compare(args, src, role_dir, arch, batch, ours, dtype, tol, device) -> int:
             errs.append(((got - want).norm() / want.norm().clamp_min(1e-12)).item())
     worst = max(errs)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    print(f"verify_conversion: {src} (diffusers) vs {role_dir} (ours, tp={args.tp} pp={args.pp}), {name}, "
+    print(f"senseflow verify: {src} (diffusers) vs {role_dir} (ours, tp={args.tp} pp={args.pp}), {name}, "
           f"{args.batch} samples of {args.latent_size}x{args.latent_size} latents and {args.text_tokens} text tokens")
     print("relative L2 error per sample: " + ", ".join(f"{e:.3e}" for e in errs))
     if not worst <= tol:  # also catches nan
@@ -211,7 +212,12 @@ def compare(args, src, role_dir, arch, batch, ours, dtype, tol, device) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="verify_conversion.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="senseflow verify", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, help="diffusers pipeline or transformer directory")
     p.add_argument("--ckpt", required=True, help="role checkpoint (or training step directory, with --role)")
     p.add_argument("--role", default="generator", help="role inside a step directory (default: generator)")
@@ -226,10 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=16, help="text tokens per sample")
     p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev guidance scale input")
     p.add_argument("--seed", type=int, default=0)
-    return p
+
+
+def run_for(verb: str, args) -> int:
+    """`senseflow verify`: with TP x PP > 1 outside a launcher, start that many local processes."""
+    world = args.tp * args.pp
+    if world > 1 and "RANK" not in os.environ:
+        from megatron_senseflow.launcher import launch
+
+        resolve(args, world)  # refuse a bad path or layout here, once, before any process starts
+        argv = [w for k, v in vars(args).items() if v is not None for w in (f"--{k.replace('_', '-')}", str(v))]
+        return launch(world, argv, module="megatron_senseflow.tools.verify_conversion", prog="senseflow verify")
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_senseflow.train_cli import quiet_known_warnings
+
+    quiet_known_warnings()
     return run(build_parser().parse_args(argv))
 
 
