@@ -36,7 +36,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "other_family", "arch_disagrees", "lr_negative", "lr_nan",
-                                  "nproc_2"])
+                                  "nproc_2", "stand_in_teacher", "stand_in_data"])
 def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -49,6 +49,10 @@ def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
         "lr_negative": (["tiny", "roles.generator.optimizer.lr=-1"], "roles.generator.optimizer.lr=-1.0 must be greater than 0"),
         "lr_nan": (["tiny", "roles.fake_score.optimizer.lr=nan"], "roles.fake_score.optimizer.lr=nan must be a finite number"),
         "nproc_2": (["tiny", "--nproc", "2", f"roles.teacher.checkpoint={checkpoints['sd3']}"], "holds a SD3 model"),
+        # a training recipe refuses every stand-in (only test and demo recipes may run on them)
+        "stand_in_teacher": (["flux_dev"], "roles.teacher.checkpoint is not set: a flux-dev run needs the teacher"),
+        "stand_in_data": (["sd35_medium", f"roles.teacher.checkpoint={checkpoints['sd3']}",
+                           "roles.discriminator.enabled=false"], "data.path is not set: a sd35-medium run needs shards"),
     }[case]
     line = one_line_error(senseflow("train", *args, out))
     assert expect in line, line
@@ -64,3 +68,9 @@ def test_train_runs_from_a_directory_with_its_own_models_and_data_packages(check
                   f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "DONE").is_file()
+    # a test recipe may run on stand-ins, and the banner names each one
+    assert "[senseflow] stand-in: synthetic data" in r.stdout, r.stdout
+    # the same command again: a finished run says so plainly
+    again = senseflow("train", "tiny", f"roles.teacher.checkpoint={checkpoints['flux']}", "train.max_steps=1",
+                      f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
