@@ -62,6 +62,8 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 DONE_MARKER = "DONE"  # in OUT/, written when a run reached train.max_steps; the Slurm job script
 # requeues a run that exits 0 without it (slurm/README.md)
+STOP_MARKER = "STOPPED"  # in OUT/, written by rank 0 once the stop-save after a signal is published: the job
+# script requeues as soon as it appears instead of waiting for ranks hung in teardown (slurm/job.sh)
 STEP_DIR = re.compile(r"^step_\d{8}$")
 SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # torch DCP shards, named by the rank that wrote them
 SPACE_MARGIN = 1.1  # free space asked for beyond the expected size of a save

@@ -83,9 +83,14 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+# Below Linux's ephemeral range (ip_local_port_range starts at 32768 by default), where outgoing
+# connections take their local ports and could already hold the one a job derives.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 20000
+
+
 def slurm_port(job_id: str | int) -> int:
-    """A port every task of one job derives alike and that differs between concurrent jobs."""
-    return 15000 + int(job_id) % 20000
+    """A port every task of one job derives alike and that differs between concurrent jobs (10000-29999)."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
 
 
 def free_port() -> int:
@@ -95,23 +100,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_ipv4(host: str) -> str:
+    """The IPv4 address of a host name (an address is returned as is); ConfigError when it does not resolve."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, IndexError, UnicodeError):
+        raise ConfigError(
+            f"the first node of this Slurm step, {host!r}, does not resolve to an address here; run the job "
+            "through `senseflow slurm` (its job script reads the node's NodeAddr from Slurm), or set "
+            "SENSEFLOW_MASTER_ADDR to that node's IP address."
+        ) from None
+
+
 def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from torchrun, Slurm, or a single process."""
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT of this process.
+
+    In order: a launcher that set them (torchrun, `senseflow train --nproc`); a task of a Slurm
+    step (srun), whose values come from Slurm alone: a RANK or MASTER_ADDR inherited from a login
+    profile or an interactive allocation (sbatch exports the submitting environment) would hang a
+    multi-node job until the init timeout; explicit RANK / WORLD_SIZE (a launcher of one's own);
+    else a single process. SLURM_STEP_ID tells a task of a step from a batch shell or an salloc
+    shell, which carry SLURM_PROCID / SLURM_NTASKS too but run one process.
+    """
     env = dict(os.environ if environ is None else environ)
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or an explicit launch)
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") if k in env}
-        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
-        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
-        out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
-        return out
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
-        hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1"))
+    launched = "TORCHELASTIC_RUN_ID" in env or "SENSEFLOW_LAUNCHER" in env
+    if not launched and "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        # rank 0, which hosts the rendezvous store, runs on the step's first node (block distribution);
+        # job.sh passes that node's NodeAddr, since node names need not resolve (cloud clusters)
+        addr = env.get("SENSEFLOW_MASTER_ADDR") or resolve_ipv4(expand_nodelist(nodelist)[0])
         return {
             "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR", hosts[0]),
-            "MASTER_PORT": env.get("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0")))),
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(slurm_port(env.get("SLURM_JOB_ID", "0"))),
+        }
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "RANK": env["RANK"],
+            "WORLD_SIZE": env["WORLD_SIZE"],
+            "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500"),
         }
     return {
         "RANK": "0",
@@ -171,6 +202,8 @@ def init_distributed(
             timeout=datetime.timedelta(minutes=timeout_min),
             **kwargs,
         )
+    if dev.type == "cuda":
+        check_device_binding(_gather_devices(dev, local_rank))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -184,6 +217,33 @@ def init_distributed(
     torch.manual_seed(seed + 100 * env.pp_rank)
     tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * env.pp_rank)
     return env
+
+
+def _gather_devices(dev: torch.device, local_rank: int) -> list[dict]:
+    props = torch.cuda.get_device_properties(dev)
+    mine = {"rank": dist.get_rank(), "host": socket.gethostname(), "gpu": str(getattr(props, "uuid", dev.index)),
+            "local_rank": local_rank, "index": dev.index, "visible": torch.cuda.device_count(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all")}
+    everyone: list[dict] = [{}] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def check_device_binding(records: list[dict]) -> None:
+    """Refuse two ranks on one GPU (ConfigError). Each rank takes `local_rank % visible GPUs`: right when a
+    task sees every GPU of its node or exactly its own, wrong when Slurm binds GPUs to tasks in groups
+    (a task sees its socket's 4 GPUs, and two tasks of that socket, say local ranks 0 and 4 under a
+    cyclic distribution, both take the first)."""
+    first: dict[tuple[str, str], dict] = {}
+    for r in records:
+        other = first.setdefault((r["host"], r["gpu"]), r)
+        if other is not r:
+            raise ConfigError(
+                f"ranks {other['rank']} and {r['rank']} on {r['host']} would share one GPU (cuda:{r['index']} of the "
+                f"{r['visible']} this task sees, CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']}): the GPUs are "
+                "bound to tasks in groups. Bind one GPU per task (`senseflow slurm ... --srun-arg=--gpus-per-task=1`) "
+                "or none (`--srun-arg=--gpu-bind=none`)."
+            )
 
 
 def current_env(device: torch.device | None = None, backend: str | None = None) -> DistEnv:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from megatron_senseflow.models.checkpoint_io import load_model
 from megatron_senseflow.models.flops import forward_flops, image_tokens
 
 from . import flow, signals
-from .checkpoint import DONE_MARKER, CheckpointManager
+from .checkpoint import DONE_MARKER, STOP_MARKER, CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
@@ -127,6 +128,7 @@ class Trainer:
         self.updates = {"generator": 0, "fake_score": 0, "discriminator": 0}
         self.nan_in_a_row = 0
         self.nan_total = 0
+        self._lead_checked = False
         self.fixed = None  # conditioning of the sample grids, taken from the first batch
         self._flops = {r.name: forward_flops(r.arch, self.local_batch, self.num_img, c.data.text_max_length)
                        for r in (self.G, self.F, self.T)}
@@ -230,6 +232,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(c))
             (self.out / DONE_MARKER).unlink(missing_ok=True)
+            (self.out / STOP_MARKER).unlink(missing_ok=True)
             print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
@@ -261,14 +264,21 @@ class Trainer:
                 self.ckpt.maybe_finalize()
                 stop = self._stop_requested()
                 periodic = c.checkpoint.every and self.step % c.checkpoint.every == 0
+                if stop and self.ckpt.pending is not None:
+                    # a save is being written: it becomes the stop-save; a second full save (340 GB for
+                    # FLUX) would not fit the signal lead, and the few steps since it began are retrained
+                    saved = self.ckpt.pending[0]
+                    self.ckpt.finalize()
+                    self._stopped(stop, saved)
+                    return 0
                 if periodic or stop or self.step == c.train.max_steps:
                     self.save(wait=bool(stop) or self.step == c.train.max_steps)
+                    self._check_signal_lead(time.time() - t_last, max(self.step - last_step, 1))
                     # a stop that arrived while this save was written needs no second save of its own
                     stop = stop or (periodic and self._stop_requested())
                 if stop:
                     self.ckpt.finalize()
-                    if self.env.is_main:
-                        print(f"[senseflow] {stop}: saved step {self.step}, exiting for requeue", flush=True)
+                    self._stopped(stop, self.step)
                     return 0
             self.ckpt.finalize()
             dist.barrier()
@@ -349,6 +359,29 @@ class Trainer:
         if flag.item() > 0:
             return mine or "signal on another rank"
         return None
+
+    def _stopped(self, why: str, saved: int):
+        dist.barrier()
+        if self.env.is_main:
+            (self.out / STOP_MARKER).write_text(json.dumps({"step": saved, "stopped_at": self.step}) + "\n")
+            since = f" ({self.step - saved} step(s) since are retrained after the requeue)" if saved < self.step else ""
+            print(f"[senseflow] {why}: saved step {saved}{since}, exiting for requeue", flush=True)
+
+    def _check_signal_lead(self, seconds: float, steps: int):
+        """Under Slurm the job script says how long before the time limit the stop signal comes
+        (SENSEFLOW_SIGNAL_LEAD); warn once when a step plus two saves would not fit in it (the second
+        save is the margin for a stop that arrives while the storage is still busy with the first)."""
+        lead = os.environ.get("SENSEFLOW_SIGNAL_LEAD")
+        save_s = getattr(self.ckpt, "last_save_seconds", None)
+        if self._lead_checked or not lead or save_s is None or not self.env.is_main:
+            return
+        self._lead_checked = True
+        need = seconds / steps + 2 * save_s
+        if float(lead) < need:
+            print(f"[senseflow] warning: a save took {save_s:.0f} s and a step {seconds / steps:.0f} s, so a stop "
+                  f"needs up to {need:.0f} s but Slurm signals only {float(lead):.0f} s before the time limit; "
+                  f"raise --signal-lead to at least {int(need * 1.2) + 1} s or the requeue may lose the stop-save",
+                  flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, wait: bool = False):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_senseflow.checkpoint import DONE_MARKER  # noqa: F401 (job.sh requeues only without it)
-from megatron_senseflow.config import Config, ConfigError, load_config, resolve_recipe
+from megatron_senseflow.config import RECIPE_DIR, Config, ConfigError, load_config, resolve_recipe
 
 SLURM_DIR = Path(__file__).resolve().parent
 SCRIPT_NAME = "job.sbatch"
@@ -98,6 +98,14 @@ class JobSpec:
     cpu: bool = False
     """No GPU request; the training processes run on CPU (tests, smoke runs)."""
     max_restarts: int = 100
+    retries_without_progress: int = 1
+    """Failures in a row without a new checkpoint that still requeue (job.sh)."""
+    teardown_grace: int = 60
+    """Seconds ranks get to exit after the first one ended or after the stop-save (srun --wait)."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun options (--container-image=..., --gpu-bind=...): on the srun line only."""
+    gres: str | None = None
+    """None: `--gpus-per-node=G`; '': `--gres=gpu:G`; a type: `--gres=gpu:TYPE:G`."""
     job_name: str
     workdir: Path
     script: Path
@@ -235,6 +243,9 @@ def render(spec: JobSpec) -> str:
         site.append(_sbatch_line(extra if extra.startswith("-") else f"--{extra}"))
     if spec.cpu:
         gpu_request = "# CPU run (--cpu): no GPU request; the processes run on CPU with gloo."
+    elif spec.gres is not None:
+        kind = f"gpu:{spec.gres}:" if spec.gres else "gpu:"
+        gpu_request = _sbatch_line(f"--gres={kind}{spec.gpus_per_node}")
     else:
         gpu_request = _sbatch_line(f"--gpus-per-node={spec.gpus_per_node}")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
@@ -259,9 +270,16 @@ def render(spec: JobSpec) -> str:
         "output_dir_sh": shlex.quote(str(spec.output_dir)),
         "script_sh": shlex.quote(str(spec.script)),
         "max_restarts": str(spec.max_restarts),
+        "retries_without_progress": str(spec.retries_without_progress),
+        "teardown_grace": str(spec.teardown_grace),
+        "srun_args": "\n".join("    " + shlex.quote(word) for word in spec.srun_args),
         "command": "\n".join("    " + shlex.quote(word) for word in spec.command()),
         "slurm_dir_sh": shlex.quote(str(SLURM_DIR)),
     }
+
+    if spec.srun_args and "{{srun_args}}" not in spec.template.text:
+        raise ConfigError(f"template {spec.template.path} has no {{{{srun_args}}}} field, so --srun-arg / --container-* "
+                          "would be dropped; add a `SENSEFLOW_SRUN_ARGS=( {{srun_args}} )` array before it sources job.sh.")
 
     def fill(m: re.Match) -> str:
         name = m.group(1)
@@ -294,6 +312,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--signal-lead", type=int, default=None, help="seconds before the time limit at which the job saves and requeues (default: the template's)")
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per training process (default: the template's)")
     g.add_argument("--max-restarts", type=int, default=100, help="stop requeueing after this many restarts (default 100)")
+    g.add_argument("--retries-without-progress", type=int, default=1,
+                   help="after a failure (lost node, crashed rank) requeue when a newer checkpoint was published since the "
+                        "restart; without one, at most this many times in a row (default 1)")
+    g.add_argument("--teardown-grace", type=int, default=60,
+                   help="seconds ranks get to exit after the first one ended or after the stop-save (default 60)")
+    g.add_argument("--gres", nargs="?", const="", default=None, metavar="TYPE",
+                   help="request GPUs as --gres=gpu[:TYPE]:G instead of --gpus-per-node=G (sites whose submit filter wants gres)")
+    g.add_argument("--srun-arg", action="append", default=[], metavar="OPTION",
+                   help="extra srun option for the training step, repeatable, e.g. --srun-arg=--gpu-bind=none")
+    g.add_argument("--container-image", default=None,
+                   help="run the training step in this pyxis/enroot image (srun --container-image; the batch shell stays on "
+                        "the host, where scontrol and scancel live); the entry becomes `senseflow train` inside it")
+    g.add_argument("--container-mounts", default=None,
+                   help="srun --container-mounts for the image, e.g. /lustre:/lustre (the output, data and checkpoint "
+                        "paths must exist at the same place inside)")
     g.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="extra #SBATCH option, repeatable, e.g. --sbatch=--constraint=h100")
     g.add_argument("--template", default=None, help=f"sbatch template: one of {', '.join(TEMPLATE_NAMES)} or a path (default: chosen by model preset)")
     g.add_argument("--script", default=None, help=f"where to write the batch script (default: OUTPUT/{SCRIPT_NAME})")
@@ -321,6 +354,13 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     missing = cfg.missing_assets()
     if missing:  # refuse before the job waits in the queue only to stop at its first line
         raise ConfigError(missing[0])
+    # settings that would turn the job's requeues into restarts from step 0, or swallow the time-limit signal
+    if not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume=false would make every requeue of the job start again from step 0; "
+                          "leave it on (a fresh run takes a fresh --output).")
+    if not cfg.checkpoint.save_on_signal:
+        raise ConfigError("checkpoint.save_on_signal=false would make the job ignore the USR1 sent before its time "
+                          "limit and lose every step since the last periodic save; leave it on.")
 
     template = load_template(args.template or template_for(cfg))
     d = template.defaults
@@ -337,19 +377,38 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     cpus = args.cpus_per_task if args.cpus_per_task is not None else int(d.get("cpus_per_task", "1"))
     if cpus < 1:
         raise ConfigError(f"--cpus-per-task {cpus} must be at least 1.")
-    if args.max_restarts < 0:
-        raise ConfigError(f"--max-restarts {args.max_restarts} must be 0 or more.")
+    for flag, value in (("--max-restarts", args.max_restarts), ("--retries-without-progress", args.retries_without_progress)):
+        if value < 0:
+            raise ConfigError(f"{flag} {value} must be 0 or more.")
+    if args.teardown_grace < 1:
+        raise ConfigError(f"--teardown-grace {args.teardown_grace} must be at least 1 second.")
+    srun_args = list(args.srun_arg)
+    if args.container_image:
+        srun_args.append(f"--container-image={args.container_image}")
+    if args.container_mounts:
+        if not args.container_image:
+            raise ConfigError("--container-mounts needs --container-image.")
+        srun_args.append(f"--container-mounts={args.container_mounts}")
 
     output = Path(args.output or cfg.train.output_dir).expanduser().absolute()
     workdir = Path(args.workdir or os.getcwd()).expanduser().absolute()
     script = Path(args.script).expanduser().absolute() if args.script else output / SCRIPT_NAME
     for flag, path in (("--output", output), ("--workdir", workdir)):
         check_path(path, flag)
-    entry = shlex.split(args.entry) if args.entry else default_entry()
+    if args.entry:
+        entry = shlex.split(args.entry)
+    elif args.container_image:
+        entry = ["senseflow", "train"]  # the image's own installation; this host's venv is not inside it
+    else:
+        entry = default_entry()
+    if args.container_image and recipe.parent == RECIPE_DIR.resolve():
+        recipe_arg = Path(recipe.stem)  # a bundled recipe by name, found in the image's installation
+    else:
+        recipe_arg = recipe
     if not entry:
         raise ConfigError("--entry is empty; give the program to start once per task, or leave --entry out for `senseflow train`.")
     return JobSpec(
-        config=recipe,
+        config=recipe_arg,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         tp=tp,
@@ -368,6 +427,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         overrides=list(args.overrides),
         cpu=args.cpu,
         max_restarts=args.max_restarts,
+        retries_without_progress=args.retries_without_progress,
+        teardown_grace=args.teardown_grace,
+        srun_args=srun_args,
+        gres=args.gres,
         job_name=args.job_name or f"senseflow-{recipe.stem}",
         workdir=workdir,
         script=script,
@@ -384,11 +447,30 @@ def write_script(spec: JobSpec) -> Path:
     return spec.script
 
 
+# Set by another launcher (torchrun, ours) in the submitting shell; never meant for the job.
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SENSEFLOW_LAUNCHER", "SENSEFLOW_MASTER_ADDR")
+
+
+def submit_environment(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The environment sbatch exports to the job, and what was left out. sbatch passes the whole
+    submitting environment on; another launcher's rank variables are dropped, and so, when submitting
+    from inside an allocation (SLURM_JOB_ID set), is every SLURM_* variable of that allocation but
+    SLURM_CONF: its memory request, node list and task counts would override the new job's."""
+    inside = "SLURM_JOB_ID" in environ
+    dropped = sorted(k for k in environ if k in _LAUNCHER_VARS or (inside and k.startswith("SLURM_") and k != "SLURM_CONF"))
+    return {k: v for k, v in environ.items() if k not in dropped}, dropped
+
+
 def submit(script: Path) -> str:
     """sbatch the script; return the job id."""
     if shutil.which("sbatch") is None:
         raise ConfigError(f"sbatch is not on PATH; run this on a Slurm login node, or submit {script} there.")
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    env, dropped = submit_environment(dict(os.environ))
+    if dropped:
+        where = f"inside job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else "here"
+        print(f"not passed to the job (set {where} for another launch): {' '.join(dropped)}")
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise ConfigError(f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]

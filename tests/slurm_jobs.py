@@ -116,6 +116,9 @@ def run_counter(env, out: Path, max_steps: int, step_seconds: float = 0.0, stopp
         dist.barrier()  # every rank's shard is on disk before the pointer moves
         if env.rank == 0:
             _write_json(latest, {"step": step})
+            # the product's pointer (megatron_senseflow/checkpoint.py): the job script
+            # reads it to tell a failure after progress from one without
+            (ckpt_dir / "latest").write_text(f"step_{step:08d}")
         dist.barrier()
 
     for step in range(start, max_steps):
@@ -133,6 +136,8 @@ def run_counter(env, out: Path, max_steps: int, step_seconds: float = 0.0, stopp
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and step + 1 < max_steps:
             save(step + 1)
+            if env.rank == 0:  # the stop-save is published: the job script may requeue now
+                _write_json(out / "STOPPED", {"step": step + 1})
             print(f"rank {env.rank}: {_STOP['signal'] or 'peer stop'} -> saved at step {step + 1}, exiting 0", flush=True)
             return {"status": "stopped", "step": step + 1}
     save(max_steps)

@@ -14,16 +14,68 @@ def test_expand_nodelist():
     assert expand_nodelist("a[8-10]") == ["a8", "a9", "a10"]
 
 
-def test_launch_env_from_slurm():
-    env = launch_env(
-        {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[3-4]", "SLURM_JOB_ID": "4242"}
-    )
-    assert env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "n3", "MASTER_PORT": str(slurm_port(4242))}
+STEP = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "n[3-4]", "SLURM_JOB_NODELIST": "n[3-4]", "SLURM_JOB_ID": "4242"}
 
 
-def test_launch_env_torchrun_wins_over_slurm():
-    env = launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234", "SLURM_PROCID": "9", "SLURM_NTASKS": "10"})
-    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "h"
+def test_launch_env_from_slurm_uses_the_first_nodes_address():
+    env = launch_env({**STEP, "SENSEFLOW_MASTER_ADDR": "10.1.2.3"})  # job.sh: NodeAddr of n3
+    assert env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "10.1.2.3",
+                   "MASTER_PORT": str(slurm_port(4242))}
+    # without job.sh, the node name is resolved to an IPv4 address here
+    env = launch_env({**STEP, "SLURM_STEP_NODELIST": "localhost,n9"})
+    assert env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_under_slurm_slurms_values_win_over_inherited_ones():
+    # a login profile's MASTER_ADDR=localhost, or RANK/WORLD_SIZE of another run, exported by sbatch
+    leaked = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    env = launch_env({**leaked, **STEP, "SENSEFLOW_MASTER_ADDR": "10.1.2.3"})
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("5", "16", "10.1.2.3")
+    assert env["MASTER_PORT"] == str(slurm_port(4242))
+
+
+def test_a_node_name_that_does_not_resolve_is_one_sentence():
+    from megatron_senseflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not resolve to an address here; run the job through `senseflow slurm`"):
+        launch_env({**STEP, "SLURM_STEP_NODELIST": "no-such-node-7x.invalid"})
+
+
+def test_slurm_port_stays_below_the_ephemeral_range():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [slurm_port(j) for j in range(0, 200_000, 7)]
+    assert min(ports) >= 1024 and max(ports) < min(low, 32768)
+
+
+def test_launch_env_torchrun_or_our_launcher_win_over_slurm():
+    mine = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    for marker in ("TORCHELASTIC_RUN_ID", "SENSEFLOW_LAUNCHER"):  # e.g. `srun -n1 senseflow train --nproc 2`
+        env = launch_env({**STEP, **mine, marker: "1"})
+        assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "h", marker
+
+
+def test_a_batch_or_salloc_shell_is_one_process():
+    # SLURM_PROCID / SLURM_NTASKS are set in a batch shell too, but no SLURM_STEP_ID: one process
+    shell = {k: v for k, v in STEP.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")}
+    env = launch_env(shell)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1"
+
+
+def test_two_ranks_on_one_gpu_are_refused():
+    from megatron_senseflow.config import ConfigError
+    from megatron_senseflow.distributed import check_device_binding
+
+    def rec(rank, host, gpu, local_rank, visible=4):
+        return {"rank": rank, "host": host, "gpu": gpu, "local_rank": local_rank, "index": local_rank % visible,
+                "visible": visible, "cuda_visible_devices": "0,1,2,3"}
+
+    # one GPU per task, or every GPU visible to every task: distinct devices
+    check_device_binding([rec(r, "n1", f"GPU-{r}", r, 8) for r in range(8)] + [rec(8 + r, "n2", f"GPU-{r}", r, 8) for r in range(8)])
+    # GPUs bound by socket, tasks distributed cyclically: local ranks 0 and 4 sit on one socket and see its 4 GPUs
+    socket_bound = [rec(r, "n1", f"GPU-{r % 4}", r) for r in range(8)]
+    with pytest.raises(ConfigError, match=r"ranks 0 and 4 on n1 would share one GPU \(cuda:0 of the 4 this task sees"):
+        check_device_binding(socket_bound)
 
 
 def test_single_process_defaults():

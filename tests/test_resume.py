@@ -93,8 +93,42 @@ def test_sigusr1_saves_at_next_step_boundary_and_exits_0(teacher, reference, tmp
     assert not (tmp_path / "DONE").exists()  # the Slurm job script requeues a run without DONE
     stopped = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped < 6
+    # the job script requeues as soon as this appears (ranks hung in teardown do not hold it back)
+    assert json.loads((tmp_path / "STOPPED").read_text()) == {"step": stopped, "stopped_at": stopped}
     _finish(cli(_args(teacher, tmp_path, 6, 0)))
     assert json.loads((tmp_path / "DONE").read_text()) == {"step": 6}
+    got = _losses(metrics(tmp_path))
+    assert all(got[s] == reference[s] for s in range(1, 7))
+
+
+def _stop_during_async_save(env, overrides):
+    """A USR1 that arrives while the periodic save of step 2 is still being written (its writers are
+    held back so that it is in flight at step 3, as a 340 GB save would be)."""
+    from megatron_senseflow import signals
+    from megatron_senseflow.checkpoint import CheckpointManager
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.trainer import Trainer
+
+    trainer = Trainer(load_config("tiny", overrides), env)
+    saves = []
+    real_save = CheckpointManager.save
+    trainer.ckpt.save = lambda step, async_save=False: saves.append(step) or real_save(trainer.ckpt, step, async_save)
+    trainer.ckpt.maybe_finalize = lambda: None
+    signals.received = lambda: "SIGUSR1" if trainer.step >= 3 else None
+    assert trainer.run() == 0
+    return saves
+
+
+def test_stop_during_a_save_makes_that_save_the_stop_save(teacher, reference, tmp_path):
+    from tests.dist_helpers import run_distributed
+
+    args = _args(teacher, tmp_path, 6, 2)[1:] + ["checkpoint.async_save=true"]
+    saves = run_distributed(_stop_during_async_save, 1, args)[0]
+    assert saves == [2]  # no second full save for the stop
+    assert json.loads((tmp_path / "STOPPED").read_text()) == {"step": 2, "stopped_at": 3}
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    log = _finish(cli(_args(teacher, tmp_path, 6, 2)))
+    assert "resumed at step 2" in log
     got = _losses(metrics(tmp_path))
     assert all(got[s] == reference[s] for s in range(1, 7))
 
@@ -122,3 +156,22 @@ def test_resume_on_another_layout_reshards(teacher, reference, tmp_path):
         for k in ("gen/dmd", "gen/isg", "fake/fm", "disc/loss"):
             if k in reference[step]:
                 assert got[step][k] == pytest.approx(reference[step][k], rel=1e-4), (step, k)
+
+
+def test_warns_once_when_a_step_and_two_saves_do_not_fit_the_signal_lead(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from megatron_senseflow.trainer import Trainer
+
+    fake = SimpleNamespace(ckpt=SimpleNamespace(last_save_seconds=250.0), _lead_checked=False,
+                           env=SimpleNamespace(is_main=True))
+    monkeypatch.setenv("SENSEFLOW_SIGNAL_LEAD", "600")
+    Trainer._check_signal_lead(fake, 40.0, 2)  # 20 s a step + 2 x 250 s = 520 s: fits
+    assert capsys.readouterr().out == ""
+    fake._lead_checked = False
+    fake.ckpt.last_save_seconds = 300.0
+    Trainer._check_signal_lead(fake, 40.0, 2)  # 620 s
+    out = capsys.readouterr().out
+    assert "a stop needs up to 620 s but Slurm signals only 600 s before the time limit; raise --signal-lead to at least 745 s" in out
+    Trainer._check_signal_lead(fake, 40.0, 2)
+    assert capsys.readouterr().out == ""  # once per run

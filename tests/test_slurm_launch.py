@@ -150,6 +150,12 @@ def test_cli_writes_script_and_prints_sbatch(tmp_path, capsys):
         (["--nodes", "1", "--gpus-per-node", "4", "--time", "1:00:00", "--signal-lead", "3550"], "--signal-lead 3550 s plus the up to 60 s by which Slurm may signal early is not shorter than the time limit 1:00:00 (3600 s)"),
         (["--nodes", "1", "--gpus-per-node", "4", "--time", "tomorrow"], "--time 'tomorrow' is not a Slurm time limit"),
         (["--nodes", "1", "--gpus-per-node", "4", "--template", "nope"], "no sbatch template 'nope'"),
+        # settings that defeat requeue
+        (["--nodes", "1", "--gpus-per-node", "4", "checkpoint.resume=false"], "checkpoint.resume=false would make every requeue of the job start again from step 0"),
+        (["--nodes", "1", "--gpus-per-node", "4", "checkpoint.save_on_signal=false"], "checkpoint.save_on_signal=false would make the job ignore the USR1"),
+        (["--nodes", "1", "--gpus-per-node", "4", "--retries-without-progress", "-1"], "--retries-without-progress -1 must be 0 or more."),
+        (["--nodes", "1", "--gpus-per-node", "4", "--teardown-grace", "0"], "--teardown-grace 0 must be at least 1 second."),
+        (["--nodes", "1", "--gpus-per-node", "4", "--container-mounts", "/a:/a"], "--container-mounts needs --container-image."),
     ],
 )
 def test_layout_and_job_errors_name_value_and_fix(tmp_path, capsys, argv, message):
@@ -158,6 +164,49 @@ def test_layout_and_job_errors_name_value_and_fix(tmp_path, capsys, argv, messag
     assert rc == 2
     assert message in err
     assert err.count("\n") == 1  # one sentence, no traceback
+
+
+def test_gres_instead_of_gpus_per_node(tmp_path):
+    plain = launch.render(_spec(tmp_path, "tiny", "--nodes", "2", "--gpus-per-node", "8", "--gres")).splitlines()
+    assert "#SBATCH --gres=gpu:8" in plain and not any(l.startswith("#SBATCH --gpus-per-node") for l in plain)
+    typed = launch.render(_spec(tmp_path, "tiny", "--nodes", "2", "--gpus-per-node", "8", "--gres", "h100")).splitlines()
+    assert "#SBATCH --gres=gpu:h100:8" in typed
+
+
+def _srun_words(script: str) -> list[str]:
+    body = script.split("SENSEFLOW_SRUN_ARGS=(\n", 1)[1].split("\n)\n", 1)[0]
+    return subprocess.run(["bash", "-c", f"a=({body}); for w in \"${{a[@]}}\"; do echo \"$w\"; done"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def test_container_options_go_on_the_srun_line_only(tmp_path):
+    spec = _spec(tmp_path, "tiny", "--nodes", "1", "--gpus-per-node", "2", "--container-image", "nvcr.io#org/sf:1",
+                 "--container-mounts", "/lustre:/lustre", "--srun-arg=--gpu-bind=none")
+    text = launch.render(spec)
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    assert _srun_words(text) == ["--gpu-bind=none", "--container-image=nvcr.io#org/sf:1", "--container-mounts=/lustre:/lustre"]
+    assert not any(l.startswith("#SBATCH") and "--container" in l for l in text.splitlines())  # not on the batch shell
+    words = _command_words(text)
+    # inside the image: its own `senseflow train`, the bundled recipe by name
+    assert words[:3] == ["senseflow", "train", "tiny"]
+    # no site arguments: an empty array, and a template without the field is refused only when some are given
+    assert _srun_words(launch.render(_spec(tmp_path, "tiny", "--nodes", "1", "--gpus-per-node", "2"))) == []
+    old = tmp_path / "old.sbatch"
+    old.write_text(launch.load_template("tiny").path.read_text().replace("{{srun_args}}", ""))
+    with pytest.raises(ConfigError, match="has no {{srun_args}} field"):
+        launch.render(_spec(tmp_path, "tiny", "--nodes", "1", "--gpus-per-node", "2", "--template", str(old),
+                            "--srun-arg=--gpu-bind=none"))
+
+
+def test_submit_environment_drops_launcher_and_allocation_variables():
+    env = {"PATH": "/bin", "MASTER_ADDR": "localhost", "RANK": "3", "SLURM_CONF": "/etc/slurm.conf",
+           "SLURM_MEM_PER_CPU": "4000", "SLURM_JOB_ID": "12", "SLURM_NTASKS": "1", "NCCL_DEBUG": "WARN"}
+    kept, dropped = launch.submit_environment(env)
+    assert kept == {"PATH": "/bin", "SLURM_CONF": "/etc/slurm.conf", "NCCL_DEBUG": "WARN"}
+    assert dropped == ["MASTER_ADDR", "RANK", "SLURM_JOB_ID", "SLURM_MEM_PER_CPU", "SLURM_NTASKS"]
+    # outside an allocation Slurm variables a user set on purpose stay
+    kept, dropped = launch.submit_environment({"SLURM_CONF": "/x", "SLURM_TIME_FORMAT": "relative", "WORLD_SIZE": "2"})
+    assert kept == {"SLURM_CONF": "/x", "SLURM_TIME_FORMAT": "relative"} and dropped == ["WORLD_SIZE"]
 
 
 def test_sd35_large_tp_must_divide_38_heads(tmp_path):
@@ -212,8 +261,14 @@ _STUBS = {
     # srun: drop its own options, record, run the command (exec keeps the pid for scancel)
     "srun": 'echo "srun $*" >>"$STUB_LOG"; while [ "${1#--}" != "$1" ]; do shift; done; echo $$ >"$STUB_DIR/srun.pid"; exec "$@"',
     "scancel": 'echo "scancel $*" >>"$STUB_LOG"; kill -USR1 "$(cat "$STUB_DIR/srun.pid")"',
-    # Slurm's requeue ends the batch shell; STUB_SCONTROL_RC=1 plays a failing requeue
-    "scontrol": 'echo "scontrol $*" >>"$STUB_LOG"; [ "${STUB_SCONTROL_RC:-0}" = 0 ] || exit 1; kill -TERM $PPID',
+    # `show hostnames` / `show node` answer from STUB_NODES / STUB_NODEADDR; Slurm's requeue ends the batch
+    # shell; STUB_SCONTROL_RC=1 plays a failing requeue
+    "scontrol": """echo "scontrol $*" >>"$STUB_LOG"
+case "$1 $2" in
+    "show hostnames") echo "${STUB_NODES:-n1}" | tr ',' '\\n'; exit 0 ;;
+    "show node") echo "NodeName=$4 Arch=x86_64 NodeAddr=${STUB_NODEADDR:-$4} NodeHostName=$4"; exit 0 ;;
+esac
+[ "${STUB_SCONTROL_RC:-0}" = 0 ] || exit 1; kill -TERM $PPID""",
 }
 
 
@@ -262,7 +317,7 @@ def test_job_finished_when_done_marker_written(tmp_path):
     text, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, text
     assert "finished" in text
-    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+    assert not any(c.startswith("scontrol requeue") for c in _calls(tmp_path))
     assert "training" in (out / "logs" / "job77-restart0.log").read_text()
 
 
@@ -277,16 +332,50 @@ def test_job_requeues_after_clean_stop_without_done(tmp_path):
 def test_failed_requeue_is_reported(tmp_path):
     proc, out = _job(tmp_path, "exit 0", STUB_SCONTROL_RC="1")
     text, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 4, text
-    assert "scontrol requeue failed" in text
+    assert proc.returncode == 66, text
+    assert "scontrol requeue failed with status 1" in text
 
 
-def test_job_fails_without_requeue_on_crash(tmp_path):
-    proc, out = _job(tmp_path, "exit 7")
+@pytest.mark.parametrize("code", [2, 3, 4, 5, 130])
+def test_causes_a_rerun_cannot_fix_never_requeue(tmp_path, code):
+    # a config error, a NaN abort, no intact checkpoint, a failed save, Ctrl-C: even after progress
+    cmd = f"mkdir -p {tmp_path}/out/checkpoints; echo step_00000004 >{tmp_path}/out/checkpoints/latest; exit {code}"
+    proc, out = _job(tmp_path, cmd)
     text, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 7, text
-    assert "not requeueing" in text
-    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+    assert proc.returncode == code, text
+    assert "a cause a rerun cannot fix" in text
+    assert not any(c.startswith("scontrol requeue") for c in _calls(tmp_path))
+
+
+def test_failure_after_progress_requeues_and_resets_the_count(tmp_path):
+    # a lost node: the surviving ranks abort (any other status) after the run published a newer checkpoint
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("step_00000002")
+    (tmp_path / "out" / "logs").mkdir()
+    (tmp_path / "out" / "logs" / "failures-without-progress").write_text("1\n")
+    proc, out = _job(tmp_path, f"echo step_00000004 >{tmp_path}/out/checkpoints/latest; exit 1")
+    text, _ = proc.communicate(timeout=30)
+    assert "scontrol requeue 77" in _calls(tmp_path), text
+    assert "after progress (step_00000002 -> step_00000004)" in text
+    assert not (out / "logs" / "failures-without-progress").exists()
+
+
+def test_failure_without_progress_requeues_then_gives_up(tmp_path):
+    # a loop that crashes at start: one retry (the default), then exit 67 instead of requeueing for ever
+    proc, out = _job(tmp_path, "exit 1")
+    text, _ = proc.communicate(timeout=30)
+    assert "scontrol requeue 77" in _calls(tmp_path), text
+    assert "failure 1 in a row, retry limit 1" in text
+    (tmp_path / "calls").unlink()
+    proc, out = _job(tmp_path, "exit 1", restart=1)
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 67, text
+    assert "2 time(s) in a row without a new checkpoint (limit 1); not requeueing" in text
+    assert not any(c.startswith("scontrol requeue") for c in _calls(tmp_path))
+    # the cap is a setting of the job (--retries-without-progress)
+    (tmp_path / "out" / "logs" / "failures-without-progress").unlink()
+    proc, out = _job(tmp_path, "exit 1", SENSEFLOW_RETRIES_WITHOUT_PROGRESS="0")
+    assert proc.communicate(timeout=30) and proc.returncode == 67
 
 
 def test_stale_done_marker_does_not_hide_a_preemption(tmp_path):
@@ -314,12 +403,68 @@ def test_usr1_to_batch_shell_is_forwarded_then_requeued(tmp_path):
     assert "saved" in (out / "logs" / "job77-restart0.log").read_text()
 
 
+def test_stop_save_complete_requeues_without_waiting_for_hung_ranks(tmp_path):
+    # on USR1 the rank saves, writes STOPPED, then hangs (as in a NCCL teardown): the job requeues after the grace
+    cmd = (f'trap "echo step_00000003 >{tmp_path}/out/checkpoints/latest; echo {{}} >{tmp_path}/out/STOPPED" USR1; '
+           f'mkdir -p {tmp_path}/out/checkpoints; while :; do sleep 0.05; done')
+    proc, out = _job(tmp_path, cmd, SENSEFLOW_TEARDOWN_GRACE="2")
+    pid_file = tmp_path / "bin" / "srun.pid"
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGUSR1)
+    text, _ = proc.communicate(timeout=30)
+    waited = time.monotonic() - t0
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the hung "rank" (Slurm would end the step on requeue)
+    assert "scontrol requeue 77" in _calls(tmp_path), text
+    assert "still run 2 s later; requeueing without waiting for them" in text
+    assert waited < 15, waited
+
+
+def test_launcher_and_inherited_variables_do_not_reach_the_ranks(tmp_path):
+    # a login profile's MASTER_ADDR=localhost and an interactive allocation's SLURM_MEM_PER_CPU; the
+    # rendezvous address comes from the first node's NodeAddr, resolved once in the batch shell
+    cmd = f'env >{tmp_path}/rank-env; touch {tmp_path}/out/DONE'
+    proc, out = _job(tmp_path, cmd, MASTER_ADDR="localhost", MASTER_PORT="1234", RANK="5", WORLD_SIZE="9",
+                     SLURM_MEM_PER_CPU="4000", TORCHELASTIC_RUN_ID="x", SLURM_JOB_NODELIST="gpu-[3-4]",
+                     STUB_NODES="gpu-3,gpu-4", STUB_NODEADDR="127.0.0.1")
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, text
+    env = dict(line.split("=", 1) for line in (tmp_path / "rank-env").read_text().splitlines() if "=" in line)
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "SLURM_MEM_PER_CPU", "TORCHELASTIC_RUN_ID"):
+        assert name not in env, name
+    assert env["SENSEFLOW_MASTER_ADDR"] == "127.0.0.1"
+    assert "scontrol show node -o gpu-3" in _calls(tmp_path)
+    assert "rendezvous 127.0.0.1" in text
+
+
+def test_srun_line_carries_teardown_and_site_arguments(tmp_path):
+    stub_dir = tmp_path / "bin"
+    out = tmp_path / "out"
+    batch_extra = "SENSEFLOW_SRUN_ARGS=(--container-image=nvcr.io/x:1 '--container-mounts=/a b:/data')\n"
+    proc, out = _job(tmp_path, f"touch {out}/DONE", SENSEFLOW_TEARDOWN_GRACE="45")
+    proc.communicate(timeout=30)
+    srun = [c for c in _calls(tmp_path) if c.startswith("srun ")][0]
+    assert srun.startswith("srun --kill-on-bad-exit=1 --wait=45 --label bash -c"), srun
+    # with site arguments: they go on the srun line, after ours and before the command
+    batch = tmp_path / "batch.sh"
+    batch.write_text(batch.read_text().replace("source ", batch_extra + "source ", 1))
+    (tmp_path / "calls").unlink()
+    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "STUB_DIR": str(stub_dir),
+           "STUB_LOG": str(tmp_path / "calls"), "SLURM_JOB_ID": "77"}
+    subprocess.run(["bash", str(batch)], env=env, capture_output=True, timeout=30)
+    srun = [c for c in _calls(tmp_path) if c.startswith("srun ")][0]
+    assert "--label --container-image=nvcr.io/x:1 --container-mounts=/a b:/data bash -c" in srun, srun
+
+
 def test_requeue_stops_at_max_restarts(tmp_path):
     proc, out = _job(tmp_path, "exit 0", restart=3, max_restarts=3)
     text, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 3, text
+    assert proc.returncode == 65, text
     assert "already restarted 3 times" in text
-    assert not any(c.startswith("scontrol") for c in _calls(tmp_path))
+    assert not any(c.startswith("scontrol requeue") for c in _calls(tmp_path))
 
 
 def test_per_restart_log_names(tmp_path):
