@@ -64,6 +64,8 @@ DONE_MARKER = "DONE"  # in OUT/, written when a run reached train.max_steps; the
 # requeues a run that exits 0 without it (slurm/README.md)
 STOP_MARKER = "STOPPED"  # in OUT/, written by rank 0 once the stop-save after a signal is published: the job
 # script requeues as soon as it appears instead of waiting for ranks hung in teardown (slurm/job.sh)
+FAILED_MARKER = "FAILED"  # in OUT/, written by a rank that ends with an error: the job script ends a step
+# that a rank on a lost node keeps alive (srun waits for that node's tasks until Slurm declares it down)
 STEP_DIR = re.compile(r"^step_\d{8}$")
 SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # torch DCP shards, named by the rank that wrote them
 SPACE_MARGIN = 1.1  # free space asked for beyond the expected size of a save

@@ -96,9 +96,11 @@ def _train(cfg) -> int:
     except errors.RunEnded as e:
         if rank == 0 or os.environ.get("SENSEFLOW_LAUNCHER"):
             print(f"senseflow train: {e}", file=sys.stderr, flush=True)
+        _mark_failed(cfg, rank, e.exit_code, str(e))
         return e.exit_code
-    except (KeyboardInterrupt, Exception):
+    except (KeyboardInterrupt, Exception) as e:
         if not signals.interrupted():
+            _mark_failed(cfg, rank, 1, f"{type(e).__name__}: {e}")
             raise
         # Ctrl-C, or a collective broken because another rank stopped on it: no traceback
         if rank == 0 and not os.environ.get("SENSEFLOW_LAUNCHER"):  # the launcher says it for --nproc runs
@@ -109,6 +111,24 @@ def _train(cfg) -> int:
             print(f"senseflow train: interrupted; {where} (rerun the same command to resume from it).",
                   file=sys.stderr, flush=True)
         return errors.INTERRUPTED
+
+
+def _mark_failed(cfg, rank: int, code: int, reason: str) -> None:
+    """OUT/FAILED for the Slurm job script: a rank whose peer is on a lost node ends with an error, but srun
+    waits for the lost node's tasks until Slurm declares the node down (minutes); the script ends the
+    step once this appears and the others had their grace (slurm/job.sh). Best effort: never masks the error."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import FAILED_MARKER
+
+    try:
+        out = Path(cfg.train.output_dir)
+        tmp = out / f".{FAILED_MARKER}.{rank}"
+        tmp.write_text(json.dumps({"rank": rank, "exit_code": code, "reason": reason.splitlines()[0][:300] if reason else ""}) + "\n")
+        os.replace(tmp, out / FAILED_MARKER)
+    except OSError:
+        pass
 
 
 def main() -> int:

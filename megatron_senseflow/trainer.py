@@ -23,7 +23,7 @@ from megatron_senseflow.models.checkpoint_io import load_model
 from megatron_senseflow.models.flops import forward_flops, image_tokens
 
 from . import flow, signals
-from .checkpoint import DONE_MARKER, STOP_MARKER, CheckpointManager
+from .checkpoint import DONE_MARKER, FAILED_MARKER, STOP_MARKER, CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
 from .data_source import build_data_source
@@ -233,6 +233,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_config(c))
             (self.out / DONE_MARKER).unlink(missing_ok=True)
             (self.out / STOP_MARKER).unlink(missing_ok=True)
+            (self.out / FAILED_MARKER).unlink(missing_ok=True)
             print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)

@@ -13,7 +13,9 @@
 #     not hold the requeue back.
 #   Training reached train.max_steps -> the trainer wrote OUTPUT_DIR/DONE -> the
 #     job ends with the trainer's exit status.
-#   A failure (a lost node, a crashed rank) -> requeue when the run published a
+#   A failure (a lost node, a crashed rank) -> the failing rank writes FAILED; a
+#     step that a lost node's unreachable tasks keep alive is ended here past the
+#     grace -> requeue when the run published a
 #     newer checkpoint since this (re)start; without one, at most
 #     SENSEFLOW_RETRIES_WITHOUT_PROGRESS times in a row (a run that crashes at
 #     start must not requeue for ever). Exit codes that name a cause a rerun
@@ -29,6 +31,8 @@
 #                                       would not fit in it)
 #   SENSEFLOW_TEARDOWN_GRACE            seconds ranks get to exit after the first one ended (srun --wait) or
 #                                       after the stop-save
+#   SENSEFLOW_KILL_SLACK                seconds beyond the grace that srun gets to kill the step itself after a
+#                                       rank failed (OUTPUT_DIR/FAILED) before this script ends it (default 30)
 #   SENSEFLOW_SCRIPT                    where the batch script was written (for messages)
 #
 # Exit codes of this script's own decisions (the trainer's, 0-5 and 130, pass through):
@@ -54,6 +58,7 @@ _SF_EXIT_NO_PROGRESS=67
 : "${SENSEFLOW_MAX_RESTARTS:=100}"
 : "${SENSEFLOW_RETRIES_WITHOUT_PROGRESS:=1}"
 : "${SENSEFLOW_TEARDOWN_GRACE:=60}"
+: "${SENSEFLOW_KILL_SLACK:=30}"
 : "${SENSEFLOW_SCRIPT:=the batch script}"
 if [ "$(declare -p SENSEFLOW_CMD 2>/dev/null | cut -c1-10)" != "declare -a" ]; then
     echo "senseflow job: the batch script must set SENSEFLOW_CMD as a bash array" >&2
@@ -82,6 +87,7 @@ _sf_log_dir=$SENSEFLOW_OUTPUT_DIR/logs
 _sf_log=$_sf_log_dir/job${SLURM_JOB_ID}-restart${_sf_restart}.log
 _sf_done=$SENSEFLOW_OUTPUT_DIR/DONE
 _sf_stopped=$SENSEFLOW_OUTPUT_DIR/STOPPED
+_sf_failed=$SENSEFLOW_OUTPUT_DIR/FAILED
 _sf_latest_file=$SENSEFLOW_OUTPUT_DIR/checkpoints/latest
 _sf_failures_file=$_sf_log_dir/failures-without-progress
 mkdir -p "$_sf_log_dir" || exit 1
@@ -111,9 +117,9 @@ _sf_say "job ${SLURM_JOB_ID} restart ${_sf_restart}: ${SLURM_NTASKS:-?} processe
 _sf_say "command: ${SENSEFLOW_CMD[*]}"
 _sf_say "training log: $_sf_log"
 
-# A DONE or STOPPED left by an earlier run (say, before max_steps was raised) must not
+# A DONE, STOPPED or FAILED left by an earlier run (say, before max_steps was raised) must not
 # make this run look finished or stopped; the trainer writes them again.
-rm -f "$_sf_done" "$_sf_stopped"
+rm -f "$_sf_done" "$_sf_stopped" "$_sf_failed"
 
 _sf_stop_requested=0
 _sf_srun_pid=
@@ -146,12 +152,28 @@ if [ "$_sf_stop_requested" = 0 ]; then
     _sf_srun_pid=$!
     # Poll rather than block in `wait`: after a stop request the trainer writes STOPPED
     # once its checkpoint is published, and from then on nothing is lost by requeueing.
+    # A rank that fails writes FAILED; srun itself then waits for the tasks of a lost
+    # node until Slurm declares it down (SlurmdTimeout, 300 s by default), which
+    # --wait does not bound: past the grace (plus srun's own kill time) the step is ended here.
     _sf_stopped_at=
+    _sf_failed_at=
     while kill -0 "$_sf_srun_pid" 2>/dev/null; do
         if [ "$_sf_stop_requested" = 1 ] && [ -e "$_sf_stopped" ]; then
             _sf_stopped_at=${_sf_stopped_at:-$SECONDS}
             if [ $((SECONDS - _sf_stopped_at)) -ge "$SENSEFLOW_TEARDOWN_GRACE" ]; then
                 _sf_say "the stop-save is complete ($(_sf_latest)) but training processes still run ${SENSEFLOW_TEARDOWN_GRACE} s later; requeueing without waiting for them"
+                _sf_abandoned=1
+                break
+            fi
+        fi
+        if [ -e "$_sf_failed" ]; then
+            _sf_failed_at=${_sf_failed_at:-$SECONDS}
+            if [ $((SECONDS - _sf_failed_at)) -ge $((SENSEFLOW_TEARDOWN_GRACE + SENSEFLOW_KILL_SLACK)) ]; then
+                _sf_rc=$(grep -o '"exit_code": *[0-9]*' "$_sf_failed" | grep -o '[0-9]*$')
+                _sf_rc=${_sf_rc:-1}
+                _sf_say "a rank failed ($(cat "$_sf_failed")) and the step still runs $((SENSEFLOW_TEARDOWN_GRACE + SENSEFLOW_KILL_SLACK)) s later (a lost node's tasks cannot be reached); ending it"
+                kill -KILL "$_sf_srun_pid" 2>/dev/null
+                wait "$_sf_srun_pid" 2>/dev/null
                 _sf_abandoned=1
                 break
             fi

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -154,22 +155,31 @@ class SlurmCluster:
         self._start_munge()
         self._write_conf()
         self._daemon("slurmctld", ["slurmctld"], self.root / "slurmctld.pid")
-        self._daemon("slurmd", ["slurmd", "-N", self.node], self.root / "slurmd.pid")
+        self._start_nodes()
         # Clients (sbatch from the launcher, scontrol in job.sh) find this
         # cluster through SLURM_CONF; jobs inherit it from the submitting env.
         self._old_slurm_conf = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = str(self.conf)
-        deadline = time.monotonic() + idle_timeout
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.run(["sinfo", "-h", "-n", self.node, "-o", "%T"]).stdout.strip()
-            if state == "idle":
-                break
-            time.sleep(0.25)
-        else:
-            raise SlurmError(f"node {self.node} is {state or 'unknown'!r}, not idle, {idle_timeout:.0f} s after start\n{self.log_tails()}")
+        self.wait_idle(self.nodes, idle_timeout)
         self.timings["start_s"] = time.monotonic() - t0
         return self
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.node]
+
+    def _start_nodes(self) -> None:
+        self._daemon("slurmd", ["slurmd", "-N", self.node], self.root / "slurmd.pid")
+
+    def wait_idle(self, nodes: list[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        states: list[str] = []
+        while time.monotonic() < deadline:
+            states = [self.run(["sinfo", "-h", "-n", n, "-o", "%T"]).stdout.strip() for n in nodes]
+            if all(st == "idle" for st in states):
+                return
+            time.sleep(0.25)
+        raise SlurmError(f"nodes {nodes} are {states}, not idle, {timeout:.0f} s after start\n{self.log_tails()}")
 
     def _start_munge(self) -> None:
         if _run(["bash", "-c", "munge -n | unmunge"], timeout=20).returncode == 0:
@@ -336,3 +346,138 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             tail = log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {log}\n" + "\n".join(tail))
         return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- two nodes
+
+NETNS_BRIDGE = "sfbr0"
+NETNS_SUBNET = "10.77.0"  # .1 the bridge (slurmctld, the test), .2 and up the nodes
+NETNS_IFNAME = "sfnet0"  # the node side of each veth pair, same name in every namespace (GLOO_SOCKET_IFNAME)
+
+
+def netns_unavailable() -> str | None:
+    """Why network namespaces cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2) to make network namespaces"
+    probe = f"sfprobe{os.getpid()}"
+    proc = _run(["ip", "netns", "add", probe], timeout=20)
+    if proc.returncode != 0:
+        return f"`ip netns add` failed: {(proc.stderr or proc.stdout).strip()}"
+    _run(["ip", "netns", "del", probe], timeout=20)
+    return None
+
+
+@dataclass
+class TwoNodeCluster(SlurmCluster):
+    """One slurmctld and two slurmd "nodes" n1 and n2, each in its own network namespace.
+
+    Each node is a namespace `sf-nK` holding one end of a veth pair (NETNS_IFNAME,
+    10.77.0.(K+1)/24); the other ends hang on a bridge in the root namespace
+    (10.77.0.1, where slurmctld and the test run). slurmd started inside a
+    namespace passes it to slurmstepd and every task, so a job's ranks on n1 and
+    n2 talk to each other over the bridge as two hosts would; killing every
+    process in `sf-n2` is a lost node. The names n1/n2 resolve nowhere: Slurm
+    reaches the nodes through NodeAddr, and so must the product's rendezvous.
+    Nothing leaves the machine (no route, no forwarding). Processes on one
+    machine still share a hostname, so the tests set GLOO_SOCKET_IFNAME
+    (gloo would otherwise pick the address the hostname resolves to, which
+    exists only in the root namespace; on a real cluster it is the node's own).
+    """
+
+    node: str = "n1"
+    cpus: int = 2
+    # Slurm's default: a lost node is declared down (and its jobs NODE_FAIL-requeued by Slurm itself)
+    # only after this long. A real cluster's surviving ranks abort on NCCL errors well before that, and
+    # the job script must decide; a short value here would let Slurm's own requeue hide that path.
+    slurmd_timeout: int = 300
+
+    @property
+    def nodes(self) -> list[str]:
+        return ["n1", "n2"]
+
+    def addr(self, node: str) -> str:
+        return f"{NETNS_SUBNET}.{self.nodes.index(node) + 2}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf), "GLOO_SOCKET_IFNAME": NETNS_IFNAME}
+
+    def job_environment(self, monkeypatch) -> None:
+        """What a job submitted from this process needs (it inherits the submitting environment);
+        only the submission may see it: in-process ranks of the test have no such interface."""
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", NETNS_IFNAME)
+
+    def _net(self, *cmd: str) -> None:
+        _run(["ip", *cmd], timeout=20, check=True)
+
+    def _teardown_net(self) -> None:
+        for node in self.nodes:
+            _run(["ip", "netns", "del", f"sf-{node}"], timeout=20)
+            _run(["ip", "link", "del", f"sfv-{node}"], timeout=20)
+        _run(["ip", "link", "del", NETNS_BRIDGE], timeout=20)
+
+    def start(self, idle_timeout: float = 60) -> "TwoNodeCluster":
+        why = netns_unavailable()
+        if why:
+            raise SlurmUnavailable(why)
+        self._teardown_net()  # what an interrupted earlier session left
+        self._net("link", "add", NETNS_BRIDGE, "type", "bridge")
+        self._net("addr", "add", f"{NETNS_SUBNET}.1/24", "dev", NETNS_BRIDGE)
+        self._net("link", "set", NETNS_BRIDGE, "up")
+        for node in self.nodes:
+            ns = f"sf-{node}"
+            self._net("netns", "add", ns)
+            self._net("link", "add", f"sfv-{node}", "type", "veth", "peer", "name", NETNS_IFNAME, "netns", ns)
+            self._net("link", "set", f"sfv-{node}", "master", NETNS_BRIDGE, "up")
+            self._net("-n", ns, "addr", "add", f"{self.addr(node)}/24", "dev", NETNS_IFNAME)
+            self._net("-n", ns, "link", "set", NETNS_IFNAME, "up")
+            self._net("-n", ns, "link", "set", "lo", "up")
+        super().start(idle_timeout)
+        return self
+
+    def _write_conf(self) -> None:
+        super()._write_conf()
+        r = self.root
+        text = self.conf.read_text()
+        # slurmctld runs only on a host of this name (localhost is accepted only with 127.0.0.1)
+        text = text.replace("# Single-node", "# Two-node").replace(
+            "SlurmctldHost=n1(127.0.0.1)", f"SlurmctldHost={socket.gethostname()}({NETNS_SUBNET}.1)")
+        text = text.replace(f"SlurmdSpoolDir={r}/spool", f"SlurmdSpoolDir={r}/spool/%n")
+        text = text.replace(f"SlurmdPidFile={r}/slurmd.pid", f"SlurmdPidFile={r}/slurmd.%n.pid")
+        text = text.replace(f"SlurmdLogFile={r}/log/slurmd.log", f"SlurmdLogFile={r}/log/slurmd.%n.log")
+        head, _, _ = text.partition("NodeName=")
+        head += f"SlurmdTimeout={self.slurmd_timeout}\n"
+        for node in self.nodes:
+            head += f"NodeName={node} NodeAddr={self.addr(node)} CPUs={self.cpus} State=UNKNOWN\n"
+        head += f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP\n"
+        self.conf.write_text(head)
+
+    def _start_nodes(self) -> None:
+        for node in self.nodes:
+            self.start_node(node)
+
+    def start_node(self, node: str) -> None:
+        (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        pid_file = self.root / f"slurmd.{node}.pid"
+        pid_file.unlink(missing_ok=True)
+        # nsenter, not `ip netns exec`: that one also mounts a fresh /sys, which hides the cgroup
+        # file system slurmd needs at start
+        self._daemon("slurmd", ["nsenter", f"--net=/run/netns/sf-{node}", "slurmd", "-N", node], pid_file)
+
+    def kill_node(self, node: str) -> list[int]:
+        """A lost node: SIGKILL to every process in its namespace (slurmd, slurmstepd, the ranks)."""
+        pids = [int(p) for p in _run(["ip", "netns", "pids", f"sf-{node}"], timeout=20).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def stop(self) -> None:
+        super().stop()
+        for node in self.nodes:
+            self.kill_node(node)
+        self._teardown_net()

@@ -75,6 +75,7 @@ def allreduce(cfg, env) -> dict:
         "allreduce_sum": x.item(),
         "hosts": names,
         "slurm_procid": os.environ.get("SLURM_PROCID"),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "master": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
     }

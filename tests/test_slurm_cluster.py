@@ -2,10 +2,10 @@
 
 Runs a single-node slurmctld + slurmd on localhost (fixture `slurm_cluster`,
 tests/slurm_cluster.py). Jobs are written by `senseflow slurm` itself from the
-tiny template with `--cpu` (2 "GPUs" = 2 CPU processes on gloo). The last
-test runs the real `senseflow train` on the tiny recipe; the others swap in the
+tiny template with `--cpu` (2 "GPUs" = 2 CPU processes on gloo); they run the
 small programs of tests/slurm_jobs.py (`--entry`) to pin down the launcher's
-contract without the trainer's start-up cost.
+contract without the trainer's start-up cost. The real `senseflow train` runs
+on two nodes in tests/test_slurm_two_nodes.py.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ JOBS = Path(__file__).resolve().parent / "slurm_jobs.py"
 PYTHON = sys.executable
 
 
-def _launch(capsys, out: Path, program: str | None, *extra: str) -> str:
-    """`senseflow slurm tiny ... --submit` for 2 CPU tasks; return the job id. program None = `senseflow train`."""
+def _launch(capsys, out: Path, program: str | None, *extra: str, nodes: int = 1) -> str:
+    """`senseflow slurm tiny ... --submit` for 2 CPU tasks on `nodes` nodes; return the job id.
+    program None = `senseflow train`."""
     entry = [] if program is None else ["--entry", f"{PYTHON} {JOBS} {program}"]
     rc = cli.main(
         [
             "slurm", "tiny",
-            "--nodes", "1", "--gpus-per-node", "2", "--cpu",
+            "--nodes", str(nodes), "--gpus-per-node", str(2 // nodes), "--cpu",
             "--output", str(out),
             "--time", "15",
             *entry,
@@ -137,45 +138,3 @@ def test_usr1_saves_requeues_and_resumes_like_an_uninterrupted_run(slurm_cluster
     assert [s for s, _ in got] == list(range(steps))
     assert got == want
     assert json.loads((out / DONE_MARKER).read_text()) == json.loads((ref / DONE_MARKER).read_text())
-
-
-VOLATILE = ("perf/", "mem/")  # wall-clock and memory readings differ between any two runs
-
-
-def _trainer_rows(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
-
-
-def test_senseflow_train_on_slurm_preempted_requeued_equals_uninterrupted(slurm_cluster, tmp_path, capsys):
-    """The tiny recipe through the real trainer: 2 tasks (DP=2), USR1 partway, requeue, resume, same losses."""
-    from tests.trainer_helpers import make_teacher, train_inprocess
-
-    teacher = make_teacher(tmp_path / "teacher")
-    steps = 30  # leaves the signal seconds to arrive before the run ends, even on a loaded machine
-    overrides = [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={steps}", "checkpoint.every=10",
-                 "logging.log_every=1"]
-    out = tmp_path / "run"
-    job = _launch(capsys, out, None, "--tp", "1", *overrides)
-
-    ready = lambda: (out / "metrics.jsonl").exists() and len(_trainer_rows(out)) >= 2  # noqa: E731
-    info, why = _preempt_once_and_wait(slurm_cluster, job, out, ready, start_timeout=300, finish_timeout=600)
-    first = (out / "logs" / f"job{job}-restart0.log").read_text()
-    m = re.search(r"^0: \[senseflow\] SIGUSR1: saved step (\d+), exiting for requeue$", first, re.M)
-    assert m, why
-    stopped = int(m.group(1))
-    assert 2 <= stopped < steps, why
-    second = (out / "logs" / f"job{job}-restart1.log").read_text()
-    assert re.search(rf"^0: \[senseflow\] senseflow on 2 rank\(s\) tp=1 pp=1 dp=2; .*resumed at step {stopped}$",
-                     second, re.M), why
-    assert json.loads((out / DONE_MARKER).read_text()) == {"step": steps}
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-
-    # every loss term of every step equals a run that was never interrupted
-    ref = tmp_path / "reference"
-    train_inprocess(2, overrides + [f"train.output_dir={ref}"])
-    got, want = _trainer_rows(out), _trainer_rows(ref)
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert got[step] == want[step], step

@@ -423,6 +423,18 @@ def test_stop_save_complete_requeues_without_waiting_for_hung_ranks(tmp_path):
     assert waited < 15, waited
 
 
+def test_step_kept_alive_after_a_rank_failed_is_ended_and_requeued(tmp_path):
+    # a rank failed (wrote FAILED) after progress; srun stays alive, as it does waiting for a lost node's tasks
+    cmd = (f'mkdir -p {tmp_path}/out/checkpoints; echo step_00000008 >{tmp_path}/out/checkpoints/latest; '
+           f'echo \'{{"rank": 0, "exit_code": 1, "reason": "RuntimeError: Connection closed by peer"}}\' >{tmp_path}/out/FAILED; '
+           'while :; do sleep 0.05; done')
+    proc, out = _job(tmp_path, cmd, SENSEFLOW_TEARDOWN_GRACE="1", SENSEFLOW_KILL_SLACK="1")
+    text, _ = proc.communicate(timeout=30)
+    assert "Connection closed by peer" in text and "(a lost node's tasks cannot be reached); ending it" in text, text
+    assert "failed with status 1 after progress (none -> step_00000008)" in text
+    assert "scontrol requeue 77" in _calls(tmp_path)
+
+
 def test_launcher_and_inherited_variables_do_not_reach_the_ranks(tmp_path):
     # a login profile's MASTER_ADDR=localhost and an interactive allocation's SLURM_MEM_PER_CPU; the
     # rendezvous address comes from the first node's NodeAddr, resolved once in the batch shell
