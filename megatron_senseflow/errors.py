@@ -10,12 +10,15 @@ else is a bug and keeps its traceback (exit 1).
 | code | meaning | Slurm job script |
 |---|---|---|
 | 0 | finished (DONE written), or stopped by SIGTERM / SIGUSR1 after saving | finished / requeue |
-| 1 | an unexpected error (a bug, a lost node): its traceback is in the log | requeue if the run progressed |
+| 1 | an unexpected error (a bug, a lost node): its traceback is in the log | requeue if a newer checkpoint was published since the (re)start; else at most `--retries-without-progress` times in a row |
 | 2 | a refused input (config, paths, checkpoints of another model, data) | no requeue |
 | 3 | repeated non-finite losses | no requeue |
 | 4 | a checkpoint could not be written (disk full, write error); the previous one is still `latest` | no requeue |
 | 5 | no intact checkpoint to resume from (each corrupt one was renamed `*.corrupt`) | no requeue |
 | 130 | interrupted (Ctrl-C) | no requeue |
+
+The job script's own codes (64 malformed script, 65 max restarts, 66 requeue
+failed, 67 too many failures without progress) are in slurm/README.md.
 """
 from __future__ import annotations
 
