@@ -35,6 +35,18 @@ from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
 _MODE: "_CudaToCpu | None" = None
+# where CUDA device requests go: "cpu", or "meta" inside memory_probe's shape-only forward, so that
+# megatron's own buffers (TP gathers) land on the same device as the model
+_TARGET = ["cpu"]
+
+
+@contextlib.contextmanager
+def cuda_requests_to(device: str):
+    _TARGET.append(device)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
 
 
 def _is_cuda(device: Any) -> bool:
@@ -55,7 +67,7 @@ class _CudaToCpu(TorchFunctionMode):
         if kwargs:
             dev = kwargs.get("device")
             if dev is not None and _is_cuda(dev):
-                kwargs = {**kwargs, "device": "cpu"}
+                kwargs = {**kwargs, "device": _TARGET[-1]}
         else:
             kwargs = {}
         special = _SPECIAL.get(func)
@@ -70,7 +82,7 @@ def _cuda(func, args, kwargs):
 
 def _to(func, args, kwargs):
     if len(args) > 1 and _is_cuda(args[1]):
-        args = (args[0], "cpu", *args[2:])
+        args = (args[0], _TARGET[-1], *args[2:])
     return func(*args, **kwargs)
 
 
@@ -187,7 +199,7 @@ def install() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("cpu_megatron.install() is for CPU-only runs; this process sees CUDA.")
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
+    cuda.current_device = lambda: _TARGET[-1]
     cuda.synchronize = lambda *a, **k: None
     cuda.set_device = lambda *a, **k: None
     cuda.Stream = _NullStream

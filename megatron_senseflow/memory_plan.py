@@ -11,12 +11,13 @@ megatron-core stores it here:
   the data-parallel size with the distributed optimizer, on the host with
   roles.*.optimizer.cpu_offload;
 - the frozen DINOv2 and VAE, and the discriminator heads with their AdamW.
-Activations are an estimate (bytes per token per hidden unit per block, after
-Korthikanti et al. 2022, plus adaLN's modulated copies), and the phase that
-holds the most decides the peak: the generator step keeps the generator's
-activations and, for the GAN term, those of the VAE decoder and DINOv2 at the
-same time. The CPU tests check the static part against the buffers a real
-trainer allocates; the activation estimates still await a GPU measurement.
+The DiT activations use bytes per token per hidden unit per block measured
+with saved-tensor hooks (memory_probe, BLOCK_ACT); the discriminator's (VAE
+decoder, DINOv2) remain estimates. The phase that holds the most decides the
+peak: the generator step keeps the generator's activations and, for the GAN
+term, those of the VAE decoder and DINOv2 at the same time. The CPU tests check
+the static part against the buffers a real trainer allocates and the per-block
+activation figures against the probe.
 """
 from __future__ import annotations
 
@@ -24,11 +25,17 @@ import argparse
 from dataclasses import dataclass, field
 
 GB = 1e9
-# saved bytes per (token x hidden unit) of one block in a 16-bit backward, before TP:
-# Korthikanti et al.'s 34 for a transformer layer with flash attention, plus ~8 for
-# the adaLN-modulated inputs of attention and MLP that DiT blocks keep in addition
-ACT_PER_TOKEN_HIDDEN = 42
-# a block's input (image and text streams) kept per block under full recompute
+# Bytes per (token x hidden unit) one block keeps for its backward in 16-bit, measured with
+# megatron_senseflow.memory_probe (saved-tensor hooks on a meta-device forward at full width and the
+# real 1024 px token counts, fused attention) for FLUX.1-dev, SD3.5 Large and SD3.5 Medium:
+# (replicated over TP, split over TP, replicated part under sequence parallel, then also split).
+# joint: a FLUX double-stream or SD3 MMDiT block; single: a FLUX single-stream block; dual: the extra
+# image self-attention of an SD3.5 Medium (MMDiT-X) block. Korthikanti et al.'s rule (34, plus ~8 for
+# adaLN's modulated copies = 42) was a third low for these blocks: the QK-norm outputs, the gated
+# residual inputs and the fp32 norm statistics are kept too. Residual below 0.4% per block
+# (per-sample modulation vectors, independent of the token count).
+BLOCK_ACT = {"joint": (16.0, 40.0, 16.0), "single": (8.0, 46.0, 4.0), "dual": (3.6, 25.0, 3.6)}
+# a block's inputs (image and text streams) kept per block under full recompute (measured: 2.0)
 RECOMPUTE_PER_TOKEN_HIDDEN = 2
 # FLUX/SD3 VAE decoder (block_out_channels 128-256-512-512, 3 resnets per level) under
 # diffusers' gradient checkpointing (codec.DiffusersVAE turns it on): the inputs of its
@@ -40,6 +47,8 @@ DINOV2_VITL = {"params": 304.4e6, "hidden": 1024, "layers": 24, "patch": 14}
 # full-resolution C-channel maps a discriminator head's trunk keeps for backward: about 4 at the tap's
 # resolution (conv, norm, activation), 5 per stride-2 level below, counted by area (4 + 5/4 + 5/16 + ...)
 HEAD_TRUNK_MAPS = 5.6
+# DINOv2's (pre-norm ViT, no adaLN) recomputed block: Korthikanti's 34 + 8 (not measured here)
+DINO_BLOCK_ACT = 42
 RUNTIME_GB = 3.0  # CUDA context, NCCL buffers, cuBLAS workspaces
 FRAGMENTATION = 0.05  # allocator slack on top of everything else
 
@@ -82,6 +91,15 @@ class StageShare:
     params: float  # its blocks' TP shard + their TP-replicated parts + the replicated embedders
     split_params: float  # the TP-split part alone (the GEMM weights TE can keep in FP8)
     blocks: int
+    kinds: list[list[str]] = field(default_factory=list)  # per block: the BLOCK_ACT parts it is made of
+
+
+def block_kinds(arch, index: int) -> list[str]:
+    from megatron_senseflow.models.configs import FluxArch
+
+    if isinstance(arch, FluxArch):
+        return ["joint"] if index < arch.num_layers else ["single"]
+    return ["joint", "dual"] if index in (arch.dual_attention_layers or ()) else ["joint"]
 
 
 def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
@@ -94,25 +112,28 @@ def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
         lay = stage_layout(arch, pp, rank, pp_split, tokens)
         mine = counts[lay.first : lay.last]
         split = sum(sp / tp for sp, _ in mine)
-        stages.append(StageShare(split + sum(r for _, r in mine) + embedder_params(arch), split, len(mine)))
+        kinds = [block_kinds(arch, i) for i in range(lay.first, lay.last)]
+        stages.append(StageShare(split + sum(r for _, r in mine) + embedder_params(arch), split, len(mine), kinds))
     return max(stages, key=lambda st: st.params)
 
 
-def block_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int) -> float:
-    """Saved activations of one block for its backward (estimate). Of the 42 bytes per token and
-    hidden unit (16-bit), 24 are split over TP; the rest (norm inputs, modulated copies) only with SP."""
-    split, replicated = 24, ACT_PER_TOKEN_HIDDEN - 24
-    coef = ACT_PER_TOKEN_HIDDEN / tp if sp else replicated + split / tp
+def block_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int,
+                           kinds: list[str] = ("joint",)) -> float:
+    """Saved activations of one block for its backward (measured coefficients, BLOCK_ACT)."""
+    coef = 0.0
+    for kind in kinds:
+        replicated, split, replicated_sp = BLOCK_ACT[kind]
+        coef += (replicated_sp + split) / tp if sp else replicated + split / tp
     return coef * tokens * batch * arch.hidden_size * elem / 2
 
 
 def stage_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int, recompute: str,
-                           blocks: int) -> float:
-    one = block_activation_bytes(arch, tokens, batch, tp, sp, elem)
+                           kinds: list[list[str]]) -> float:
+    per_block = [block_activation_bytes(arch, tokens, batch, tp, sp, elem, k) for k in kinds]
     if recompute == "full":  # every block's input is kept; one block at a time is recomputed in full
         kept = RECOMPUTE_PER_TOKEN_HIDDEN * tokens * batch * arch.hidden_size * elem / 2 / (tp if sp else 1)
-        return kept * blocks + one
-    return one * blocks
+        return kept * len(kinds) + max(per_block)
+    return sum(per_block)
 
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
@@ -149,7 +170,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         w = n_t * elem
     teacher = RoleMemory("teacher", n_t, w)
     # no grad: only the block being run holds activations (x2: the CFG pair of SD3.x)
-    teacher.activations = block_activation_bytes(t_arch, s_img + s_txt, mb * 2, p.tp, p.sequence_parallel, elem)
+    teacher.activations = max(block_activation_bytes(t_arch, s_img + s_txt, mb * 2, p.tp, p.sequence_parallel, elem, k)
+                              for k in t_share.kinds)
     roles.append(teacher)
 
     for name, rc in (("generator", cfg.roles.generator), ("fake_score", cfg.roles.fake_score)):
@@ -164,7 +186,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         else:
             r.optimizer = opt
         r.activations = stage_activation_bytes(s_arch, s_img + s_txt, in_flight, p.tp, p.sequence_parallel, elem,
-                                               cfg.model.recompute, share.blocks)
+                                               cfg.model.recompute, share.kinds)
         roles.append(r)
 
     dc = cfg.roles.discriminator
@@ -182,7 +204,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         n_tok = side**2 + 1
         # DINOv2's blocks run under activation checkpointing (discriminator.VFMDiscriminator.features): every
         # block's input is kept and one block is recomputed at a time
-        dino = (v["layers"] + ACT_PER_TOKEN_HIDDEN / 2) * n_tok * v["hidden"] * d_elem * mb
+        dino = (v["layers"] + DINO_BLOCK_ACT / 2) * n_tok * v["hidden"] * d_elem * mb
         # the generator's GAN pass through each head's trunk (fp32 norms under autocast)
         dino += num_heads * HEAD_TRUNK_MAPS * side**2 * v["hidden"] * 4 * mb
         vae = VAE_DECODER_ELEMS_1024 * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
@@ -215,7 +237,7 @@ def render(pl: Plan) -> str:
     lines += [
         "",
         f"static (weights + grads + optimizer, all roles)   {static / GB:7.1f} GB   (counted)",
-        f"activations at the peak: {pl.peak_phase:<24}{pl.peak_activations / GB:7.1f} GB   (estimate)",
+        f"activations at the peak: {pl.peak_phase:<24}{pl.peak_activations / GB:7.1f} GB   (DiT blocks measured, VAE/DINOv2 estimated)",
         f"CUDA context, NCCL, workspaces                    {pl.runtime / GB:7.1f} GB",
         f"with {FRAGMENTATION:.0%} allocator slack, per GPU                 {pl.total / GB:7.1f} GB of {pl.gpu_mem / GB:g} GB",
     ]

@@ -127,8 +127,8 @@ class SD3Model(DiTBase):
 
         with fp8_context(cfg):  # the blocks' TE linears only; embedders, adaLN and proj_out stay bf16
             for blk in self.joint_blocks:
-                if blk.context_pre_only:  # its text output is None, which recompute cannot carry
-                    img, txt = blk(img, txt, c_BH)
+                if blk.context_pre_only:  # its text output is None: recompute carries the image stream alone
+                    img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c)[0], img, txt, c_BH), None
                 else:
                     img, txt = maybe_checkpoint(cfg, lambda i, x, c, b=blk: b(i, x, c), img, txt, c_BH)
 

@@ -82,6 +82,11 @@ def our_blocks(spec: str, fp8: str | None, recipe: str, dry: bool):
     return model.to(dev).eval(), arch, cfg
 
 
+def _backward(out):
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward([o for o in outs if o is not None], [torch.ones_like(o) for o in outs if o is not None])
+
+
 def bench_blocks(args, device, peak) -> list[dict]:
     from megatron_senseflow.models.flops import flux_single_block, mmdit_block
     from megatron_senseflow.models.flux import image_ids, text_ids
@@ -116,6 +121,12 @@ def bench_blocks(args, device, peak) -> list[dict]:
                     t = timed(fn, 3, args.iters, device)
                     rows.append(dict(block=kind, batch=b, impl=label, ms=t * 1e3, tflops=flops / t / 1e12,
                                      of_peak=flops / t / 1e12 / peak))
+            if fp8 is None:  # forward + backward (3x the forward's FLOPs), bf16 only
+                for kind, run, flops in (("double", lambda: model.double_blocks[0](img, txt, c, rope), mmdit_block(b, s_img, s_txt, h)),
+                                         ("single", lambda: model.single_blocks[0](x, c, rope), flux_single_block(b, s_img + s_txt, h))):
+                    t = timed(lambda run=run: _backward(run()), 3, args.iters, device)
+                    rows.append(dict(block=kind, batch=b, impl=label + " fwd+bwd", ms=t * 1e3,
+                                     tflops=3 * flops / t / 1e12, of_peak=3 * flops / t / 1e12 / peak))
     rows += diffusers_blocks(args, device, peak, s_img, s_txt)
     return rows
 
@@ -181,10 +192,18 @@ def ours_iteration(args, device, out_dir: Path) -> tuple[float, float]:
     cfg.roles.discriminator.vae = "pixel"
     tr = Trainer(cfg, current_env(device))
     it = iter(tr.data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t = timed(lambda: tr.train_step(next(it)), 2, args.iters, device)
     f = tr._flops
     # generator: forward + backward (3 forwards); teacher and fake: one forward each; fake step: 3 forwards
     flops = 3 * f["generator"] + f["teacher"] + f["fake_score"] + 3 * f["fake_score"]
+    from megatron_senseflow.memory_plan import GB, plan
+
+    pl = plan(cfg, 1, 1, 141)
+    args.memory = dict(peak_allocated_gb=torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
+                       plan_static_gb=sum(r.static for r in pl.roles) / GB, plan_activations_gb=pl.peak_activations / GB,
+                       plan_total_without_runtime_gb=(sum(r.static for r in pl.roles) + pl.peak_activations) / GB)
     return t, flops
 
 
@@ -310,7 +329,7 @@ def main() -> None:
         t_ref = authors_iteration(args, device)
         out["iteration"] = dict(ours_s=t_ours, authors_s=t_ref, speedup=t_ref / t_ours,
                                 ours_mfu=flops / t_ours / 1e12 / peak, authors_mfu=flops / t_ref / 1e12 / peak,
-                                blocks=f"{args.blocks} double + {2 * args.blocks} single")
+                                blocks=f"{args.blocks} double + {2 * args.blocks} single", memory=args.memory)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
@@ -324,6 +343,10 @@ def main() -> None:
         print(f"\niteration ({it['blocks']} blocks at FLUX width, batch 1): ours {1 / it['ours_s']:.2f} samples/s "
               f"(MFU {it['ours_mfu']:.1%}), authors' way {1 / it['authors_s']:.2f} samples/s "
               f"(MFU {it['authors_mfu']:.1%}); ratio {it['speedup']:.2f}x")
+        m = it["memory"]
+        if m["peak_allocated_gb"] is not None:
+            print(f"peak allocated {m['peak_allocated_gb']:.2f} GB; plan (static + activations, no runtime/slack) "
+                  f"{m['plan_total_without_runtime_gb']:.2f} GB; ratio {m['peak_allocated_gb'] / m['plan_total_without_runtime_gb']:.3f}")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,35 @@ def train_step():
     return {"logs": [{k: float(v) for k, v in l.items()} for l in logs], "peak_gb": peak}
 
 
+def local_train_step():
+    """Two trainer iterations with the `local` spec on CUDA, bf16 (what runs where TransformerEngine is
+    missing), FLUX and SD3; and proof that the CPU support code was never loaded."""
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.distributed import current_env
+    from megatron_senseflow.trainer import Trainer
+
+    out = {}
+    for family in ("flux", "sd3"):
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = [f"model.preset={ARCHS[family][0]}"] + (["distill.guidance_mode=cfg"] if family == "sd3" else [])
+            cfg = load_config("tiny", extra + [
+                "model.spec=local", "model.params_dtype=bfloat16", "roles.generator.precision=bf16", "roles.fake_score.precision=bf16",
+                "roles.teacher.precision=bf16", "roles.discriminator.precision=bf16",
+                "train.device=cuda", f"train.output_dir={tmp}", "train.max_steps=2", "logging.log_every=1",
+                "logging.tensorboard=false", "checkpoint.every=0", "distill.ttur=1",
+            ])
+            cfg.model.arch = dict(ARCHS[family][1])
+            tr = Trainer(cfg, current_env(torch.device("cuda")))
+            it = iter(tr.data)
+            out[family] = [{k: float(v) for k, v in tr.train_step(next(it)).items()} for _ in range(2)]
+    out["cpu_support_loaded"] = "megatron_senseflow.cpu_megatron" in sys.modules
+    return out
+
+
 if __name__ == "__main__":
     from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import init_distributed
 
     init_distributed(ParallelConfig(), device="cuda")
-    print(json.dumps({"te_parity": te_parity, "fp8_close": fp8_close, "train_step": train_step}[sys.argv[1]]()))
+    checks = {"te_parity": te_parity, "fp8_close": fp8_close, "train_step": train_step, "local_train_step": local_train_step}
+    print(json.dumps(checks[sys.argv[1]]()))

@@ -1,5 +1,6 @@
 """GPU-only checks (skipped without CUDA; CI has none): TE spec equals the local spec, FP8 stays close
-to bf16, and a training step with FP8 teacher and fake score runs. Each check runs in its own process
+to bf16, a training step with FP8 teacher and fake score runs, and (no TransformerEngine needed) the
+local spec trains on CUDA without loading the CPU support code. Each check runs in its own process
 (tests/gpu_checks.py) so NCCL and TransformerEngine state never meet the CPU harness of other tests."""
 from __future__ import annotations
 
@@ -44,3 +45,13 @@ def test_training_step_with_fp8_teacher_and_fake_score():
     for logs in out["logs"]:
         assert all(math.isfinite(v) for v in logs.values()), logs
     assert "gen/dmd" in out["logs"][0] and "fake/fm" in out["logs"][0]
+
+
+def test_local_spec_training_step_on_cuda_without_cpu_support_code():
+    # the path a GPU machine without TransformerEngine runs (scripts/gpu_check.sh selects it by name)
+    out = _check("local_train_step")
+    assert out["cpu_support_loaded"] is False
+    for family in ("flux", "sd3"):
+        for logs in out[family]:
+            assert all(math.isfinite(v) for v in logs.values()), (family, logs)
+        assert "gen/dmd" in out[family][0] and "fake/fm" in out[family][0]
