@@ -380,6 +380,18 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    every: NonNegativeInt = 0
+    """Evaluate the generator (and its EMA) every N iterations; 0 disables it."""
+    num_samples: Count = 64
+    """The first N samples of the data stream (the same whatever the data-parallel layout) are the evaluation
+    set: their conditioning is sampled, their real latents, decoded, are the reference."""
+    features: str | None = None
+    """TorchScript feature network for the Frechet distance: uint8 images [N, 3, H, W] in, features [N, D] out
+    (clean-fid's inception-2015-12-05.pt, or the demo's digit network)."""
+
+
+@dataclass(kw_only=True)
 class Config:
     purpose: Literal["training", "test", "demo"] = "training"
     """'training' refuses every stand-in (a random teacher or DINOv2, synthetic data, the pixel codec, the
@@ -402,6 +414,8 @@ class Config:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """TensorBoard and sample grids."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """In-loop evaluation: Frechet distance of 4-step samples (stochastic and Euler) against the real data."""
 
     def wants_discriminator(self) -> bool:
         """Whether this run trains the discriminator: the method decides (methods.Objective.wants_discriminator)."""
@@ -471,6 +485,11 @@ class Config:
             arch = self.model.teacher_arch()
         except ArchError as e:
             raise ConfigError(str(e)) from None
+        if self.eval.every and not self.eval.features:
+            raise ConfigError("eval.every is set but eval.features is not: give a TorchScript feature network "
+                              "(for example clean-fid's inception-2015-12-05.pt) as eval.features=PATH.")
+        if self.eval.every and self.eval.num_samples < 2:
+            raise ConfigError("eval.num_samples must be at least 2 for a Frechet distance.")
         p = self.parallel
         try:
             arch.check_layout(p.tp, p.pp, p.cp, world_size)

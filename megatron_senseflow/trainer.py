@@ -118,6 +118,12 @@ class Trainer:
                 self.D = self._build_discriminator()
         self.roles = Roles(self.G, self.F, self.T, self.D, ema)
         self.objective = method(c, self.roles, self.taus, env, self._guarded_update, force_two_pass)
+        self.evaluator = None
+        if c.eval.every:
+            from .evaluation import InLoopEval
+
+            with self._phase(f"preparing the in-loop evaluation ({c.eval.num_samples} samples, reference features)"):
+                self.evaluator = InLoopEval(self)
         parts = {"generator": self.G, "fake_score": self.F, "ema": ema, "discriminator": self.D, "data": self.data,
                  "trainer": self}
         self.ckpt = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep_last,
@@ -254,12 +260,19 @@ class Trainer:
                 logs = self.train_step(batch)
                 self.step += 1
                 self._nan_guard(logs)
+                evals = {}
+                if self.evaluator is not None and self.step % c.eval.every == 0:
+                    t_eval = time.time()
+                    evals = self.evaluator.run()
+                    t_last += time.time() - t_eval  # throughput counts training only
                 if c.logging.log_every and self.step % c.logging.log_every == 0:
                     now = time.time()
                     logs = self._mean_over_dp(logs)
                     logs.update(self._perf(now - t_last, self.step - last_step))
                     t_last, last_step = now, self.step
-                    self.monitor.scalars(self.step, logs)
+                    self.monitor.scalars(self.step, {**logs, **evals})
+                elif evals:
+                    self.monitor.scalars(self.step, evals)
                 if c.logging.image_every and self.step % c.logging.image_every == 0:
                     self.log_samples()
                 self.ckpt.maybe_finalize()

@@ -1,0 +1,155 @@
+"""In-loop evaluation: Frechet distance of the generator's 4-step samples against the real data.
+
+Every `eval.every` iterations the generator (and its EMA, when there is one)
+samples the conditioning of a fixed evaluation set, 4-step stochastic and
+Euler, with fixed noise; the samples are decoded, passed through a TorchScript
+feature network (`eval.features`: clean-fid's Inception for real runs) and
+compared with the features of the same samples' real latents, decoded
+(computed once and cached in OUT/eval/).
+
+What keeps it honest:
+- The evaluation set is samples 0..N-1 of the data stream read by a separate
+  data source with a one-replica view, so it is the same whatever the
+  data-parallel layout; each DP replica samples every dp-th of them and the
+  features are gathered in sample order. Sample i's noise comes from its own
+  generator seeded by (train.seed, i), and samples run one at a time, so a
+  sample's pixels do not depend on which rank or batch produced it: DP2 gives
+  DP1's numbers.
+- No random draw of training is touched: evaluation uses its own generators and
+  its own data source, and leaves the generator's weights as it found them
+  (the EMA is swapped in and the trained weights restored bit for bit). With
+  evaluation on, the losses of every step are those of a run without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+EVAL_SEED = 7919  # offset of the evaluation noise streams from train.seed
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images, 1 or 3 channels -> uint8 RGB [N, 3, H, W] (what the feature networks take)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class InLoopEval:
+    def __init__(self, trainer):
+        from .data_source import build_data_source
+
+        t = self.trainer = trainer
+        c = t.cfg.eval
+        self.n = c.num_samples
+        self.features = torch.jit.load(c.features, map_location="cpu").eval()
+        # the first n samples of the stream, as one data-parallel replica would read them
+        one = type("OneReplica", (), {"dp_rank": 0, "dp": 1})()
+        source = build_data_source(t.cfg, one, t.latent_channels, t.latent_side, t.t_arch, torch.device("cpu"))
+        rows: list[dict] = []
+        try:
+            for batch in source:
+                b = batch["latent"].shape[0]
+                rows += [{k: batch[k][i] for k in ("latent", "text", "pooled")} for i in range(b)]
+                if len(rows) >= self.n:
+                    break
+        finally:
+            source.shutdown()
+        if len(rows) < self.n:
+            from .config import ConfigError
+
+            raise ConfigError(f"eval.num_samples={self.n} but the data holds only {len(rows)} samples.")
+        self.rows = rows[: self.n]
+        dp, r = t.env.dp, t.env.dp_rank
+        self.mine = list(range(r, self.n, dp))
+        self.per_rank = -(-self.n // dp)  # every replica runs as many samples (collectives inside TP/PP groups)
+        self.reference = self._reference()
+
+    def _features(self, images: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return self.features(to_uint8(images).cpu()).double().numpy()
+
+    def _reference(self) -> np.ndarray | None:
+        """Features of the real samples, decoded (rank 0; cached by what determines them)."""
+        t = self.trainer
+        if not t.env.is_main:
+            return None
+        c = t.cfg
+        key = hashlib.sha256(json.dumps([c.data.path, c.data.seed, c.data.resolution, self.n, c.eval.features,
+                                         c.roles.discriminator.vae]).encode()).hexdigest()[:16]
+        path = Path(c.train.output_dir) / "eval" / f"reference-{key}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+        with torch.no_grad():
+            feats = np.concatenate([self._features(t.codec.decode(row["latent"][None].to(t.dev).float()))
+                                    for row in self.rows])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, feats, allow_pickle=False)
+        return feats
+
+    @torch.no_grad()
+    def _sample_all(self, mode: str) -> dict[int, np.ndarray]:
+        from .sampling import sample_student
+
+        t = self.trainer
+        out = {}
+        for j in range(self.per_rank):
+            i = self.mine[j] if j < len(self.mine) else self.mine[-1]  # padding: repeat, result dropped
+            row = self.rows[i]
+            g = torch.Generator().manual_seed(t.cfg.train.seed + EVAL_SEED + i)
+            noise = torch.randn(1, t.latent_channels, t.latent_side, t.latent_side, generator=g).to(t.dev)
+            text, pooled = row["text"][None].to(t.dev), row["pooled"][None].to(t.dev)
+            guide = t.objective.student_guidance(text)
+            x0 = sample_student(lambda x, s: t.G.forward(x, s, text, pooled, guide), noise, t.taus, mode, g)
+            if j < len(self.mine):
+                out[i] = self._features(t.codec.decode(x0.float()))[0]
+        return out
+
+    def _fd(self, mine: dict[int, np.ndarray]) -> float | None:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if not self.trainer.env.is_main:
+            return None
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+        feats = np.stack([merged[i] for i in range(self.n)])
+        return frechet_distance(feats, self.reference)
+
+    def run(self) -> dict[str, float]:
+        """Collective. The metrics on rank 0 (empty elsewhere)."""
+        t = self.trainer
+        logs: dict[str, float] = {}
+        variants = [("", None)] + ([("ema_", t.ema)] if t.ema is not None else [])
+        for prefix, ema in variants:
+            params = list(t.G.module.parameters())
+            saved = [p.detach().clone() for p in params] if ema is not None else None
+            if ema is not None:
+                with torch.no_grad():
+                    for p, s in zip(params, ema.state()):
+                        p.copy_(s.to(p.dtype))
+            try:
+                for mode in ("stochastic", "euler"):
+                    fd = self._fd(self._sample_all(mode))
+                    if fd is not None:
+                        logs[f"eval/{prefix}fd_{mode}"] = fd
+            finally:
+                if saved is not None:
+                    with torch.no_grad():
+                        for p, s in zip(params, saved):
+                            p.copy_(s)
+        return logs
