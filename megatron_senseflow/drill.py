@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
             # a random moment of what this run has left to do: late in start-up, in a step, or in a save
             left = cfg.train.max_steps - _resume_step(run_dir)
             deadline = time.monotonic() + startup * rng.uniform(0.8, 1.0) + rng.uniform(0, 0.9) * left * per_step
-            while time.monotonic() < deadline and proc.poll() is None:
+            # the kill after which a checkpoint is corrupted waits for an older one to fall back to
+            corrupting = corrupt_at == events["kills"]
+            while proc.poll() is None and (time.monotonic() < deadline or (corrupting and _complete(run_dir) < 2)):
                 time.sleep(0.02)
             if proc.poll() is None:
                 during_save = _saving(run_dir)
@@ -145,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
           + (f"equal the uninterrupted run's at all {len(reference)} steps." if equal
              else f"DIFFER from the uninterrupted run's at steps {sorted(s for s in reference if got.get(s) != reference[s])}."))
     return 0 if equal else 1
+
+
+def _complete(run_dir: Path) -> int:
+    from .checkpoint import CheckpointManager
+
+    return len(CheckpointManager(run_dir / "checkpoints").complete())
 
 
 def _resume_step(run_dir: Path) -> int:

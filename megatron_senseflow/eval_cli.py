@@ -140,6 +140,19 @@ def select_captions(clip_dir: str, images: list[Path], annotations: str) -> list
     return chosen
 
 
+def _cosines(model, proc, images: list[Path], prompts: list[str], batch: int) -> torch.Tensor:
+    """cos(image embedding, its prompt's embedding) per image, through a transformers CLIP."""
+    out = []
+    for i in range(0, len(images), batch):
+        imgs = [load_uint8(p) for p in images[i : i + batch]]
+        inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
+        with torch.no_grad():
+            img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        out.append(F.cosine_similarity(img, txt))
+    return torch.cat(out)
+
+
 def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
     """Mean of 100 * max(cos(image, prompt), 0) over the images (the CLIPScore definition).
 
@@ -147,15 +160,16 @@ def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int
     transformers 5 (its get_*_features return model outputs, not tensors).
     """
     model, proc = _clip(clip_dir)
-    total = 0.0
-    for i in range(0, len(images), batch):
-        imgs = [load_uint8(p) for p in images[i : i + batch]]
-        inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
-        with torch.no_grad():
-            img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
-            txt = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
-        total += float((100 * F.cosine_similarity(img, txt).clamp(min=0)).sum())
-    return total / len(images)
+    return float((100 * _cosines(model, proc, images, prompts, batch).clamp(min=0)).mean())
+
+
+def pick_score(pick_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
+    """Mean PickScore (Kirstain et al. 2023): logit_scale.exp() * cos(image, prompt), as the PickScore_v1
+    reference code computes it (its learned scale, about 100; no clamping). `pick_dir` is a local
+    transformers CLIP directory: the weights of yuvalkirstain/PickScore_v1 with the processor files of
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K copied beside them."""
+    model, proc = _clip(pick_dir)
+    return float(model.logit_scale.exp().item() * _cosines(model, proc, images, prompts, batch).mean())
 
 
 def prompts_for(images: list[Path], prompts_file: str) -> list[str]:
@@ -176,8 +190,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", help="folder of reference images (real images for FID, teacher samples for FID-T)")
     p.add_argument("--inception", help="local TorchScript Inception (inception-2015-12-05.pt) for FID / patch FID")
     p.add_argument("--clip", help="local transformers CLIP directory for CLIP score")
+    p.add_argument("--pickscore", help="local PickScore_v1 directory (transformers CLIP format, with its processor files)")
     p.add_argument("--prompts", help="prompts of the generated images (for CLIP score)")
-    p.add_argument("--metrics", default="fid,patch_fid,clip", help="comma list of fid, patch_fid, clip")
+    p.add_argument("--metrics", default="fid,patch_fid,clip", help="comma list of fid, patch_fid, clip, pickscore")
     p.add_argument("--patches-per-image", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", help="write the results as JSON here (with --select-captions: the prompts file)")
@@ -199,9 +214,9 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
         print(f"wrote {len(lines)} prompts to {args.out}")
         return 0
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - {"fid", "patch_fid", "clip"})
+    unknown = sorted(set(wanted) - {"fid", "patch_fid", "clip", "pickscore"})
     if unknown:
-        raise ConfigError(f"--metrics {unknown} unknown; choose from fid, patch_fid, clip.")
+        raise ConfigError(f"--metrics {unknown} unknown; choose from fid, patch_fid, clip, pickscore.")
     try:
         images = list_images(args.images)
         results: dict[str, float] = {"num_images": len(images)}
@@ -227,6 +242,10 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
             if not args.clip or not args.prompts:
                 raise ConfigError("CLIP score needs --clip (a local CLIP directory) and --prompts.")
             results["clip_score"] = clip_score(args.clip, images, prompts_for(images, args.prompts), min(args.batch, 16))
+        if "pickscore" in wanted:
+            if not args.pickscore or not args.prompts:
+                raise ConfigError("PickScore needs --pickscore (a local PickScore_v1 directory) and --prompts.")
+            results["pickscore"] = pick_score(args.pickscore, images, prompts_for(images, args.prompts), min(args.batch, 16))
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise

@@ -9,12 +9,11 @@ import pytest
 _SLURM_TIMINGS: dict[str, float] = {}
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running slurmctld + slurmd on localhost (tests/slurm_cluster.py); skips when Slurm cannot be installed."""
-    from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+def running_cluster(cluster, what: str):
+    """Start `cluster`, yield it, stop it; skip (or fail under SENSEFLOW_REQUIRE_SLURM=1) with the reason
+    when this machine cannot run it."""
+    from tests.slurm_cluster import SlurmUnavailable
 
-    cluster = SlurmCluster()
     try:
         cluster.start()
     except SlurmUnavailable as e:
@@ -22,16 +21,25 @@ def slurm_cluster():
         shutil.rmtree(cluster.root, ignore_errors=True)
         if os.environ.get("SENSEFLOW_REQUIRE_SLURM") == "1":
             pytest.fail(f"SENSEFLOW_REQUIRE_SLURM=1 but {e}")
-        pytest.skip(f"real-Slurm tests skipped: {e}")
+        pytest.skip(f"{what} skipped: {e}")
     except BaseException:
         cluster.stop()
         raise
-    _SLURM_TIMINGS.update(cluster.timings)
     try:
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running slurmctld + slurmd on localhost (tests/slurm_cluster.py); skips when Slurm cannot be installed."""
+    from tests.slurm_cluster import SlurmCluster
+
+    for cluster in running_cluster(SlurmCluster(), "real-Slurm tests"):
+        _SLURM_TIMINGS.update(cluster.timings)
+        yield cluster
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -262,6 +262,38 @@ def test_eval_clip_score_pairs_each_image_with_its_prompt(tmp_path):
     assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
 
 
+def test_eval_pickscore_is_the_learned_scale_times_the_cosine(tmp_path):
+    """PickScore_v1's reference computation, by hand: normalised embeddings, logit_scale.exp() * dot, no clamp."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    _tiny_clip(tmp_path / "clip")
+    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(87.0))  # a learned scale, not CLIP's initial 1/0.07
+    model.save_pretrained(tmp_path / "pick")
+    CLIPProcessor.from_pretrained(tmp_path / "clip").save_pretrained(tmp_path / "pick")
+    rng = np.random.default_rng(3)
+    _write_pngs(tmp_path / "imgs", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
+    lines = ["a red cat", "two dogs", "a blue house"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    _run("eval", "--images", tmp_path / "imgs", "--pickscore", tmp_path / "pick", "--prompts", tmp_path / "prompts.txt",
+         "--metrics", "pickscore", "--out", tmp_path / "r.json")
+    got = json.loads((tmp_path / "r.json").read_text())["pickscore"]
+
+    from megatron_senseflow.eval_cli import list_images, load_uint8
+
+    proc = CLIPProcessor.from_pretrained(tmp_path / "pick")
+    scores = []
+    for p, prompt in zip(list_images(tmp_path / "imgs"), lines):
+        with torch.no_grad():
+            i = model.get_image_features(**proc(images=[load_uint8(p)], return_tensors="pt"))
+            t = model.get_text_features(**proc(text=[prompt], padding=True, truncation=True, return_tensors="pt"))
+        i, t = getattr(i, "pooler_output", i), getattr(t, "pooler_output", t)
+        i, t = i / i.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+        scores.append(87.0 * float((t @ i.T)[0, 0]))
+    assert got == pytest.approx(sum(scores) / len(scores), rel=1e-4)
+
+
 def test_coco_protocol_picks_the_highest_clip_caption_per_image(tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 

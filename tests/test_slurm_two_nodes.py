@@ -11,9 +11,7 @@ SENSEFLOW_REQUIRE_SLURM=1 turns that skip into a failure.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -29,25 +27,21 @@ VOLATILE = ("perf/", "mem/")  # wall-clock and memory readings differ between an
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from tests.slurm_cluster import SlurmUnavailable, TwoNodeCluster
+    from tests.conftest import running_cluster
+    from tests.slurm_cluster import TwoNodeCluster
 
-    cluster = TwoNodeCluster()
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
-        if os.environ.get("SENSEFLOW_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SENSEFLOW_REQUIRE_SLURM=1 but {e}")
-        pytest.skip(f"two-node Slurm tests skipped: {e}")
-    except BaseException:
-        cluster.stop()
-        raise
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
+    yield from running_cluster(TwoNodeCluster(), "two-node Slurm tests")
+
+
+def _equals_uninterrupted(out: Path, ref: Path, overrides: list[str], steps: int) -> None:
+    """Every loss term of every step equals a DP=2 run of the same config that was never interrupted."""
+    from tests.trainer_helpers import train_inprocess
+
+    train_inprocess(2, overrides + [f"train.output_dir={ref}"])
+    got, want = _trainer_rows(out), _trainer_rows(ref)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == want[step], step
 
 
 def _launch2(cluster, monkeypatch, capsys, out: Path, program: str | None, *extra: str) -> str:
@@ -82,7 +76,7 @@ def test_rendezvous_across_nodes_by_node_address_despite_a_polluted_environment(
 
 def test_senseflow_train_on_two_nodes_preempted_requeued_equals_uninterrupted(two_nodes, tmp_path, capsys, monkeypatch):
     """The tiny recipe through the real trainer: DP=2 over n1 and n2, USR1 partway, requeue, resume, same losses."""
-    from tests.trainer_helpers import make_teacher, train_inprocess
+    from tests.trainer_helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "teacher")
     steps = 30  # leaves the signal seconds to arrive before the run ends, even on a loaded machine
@@ -105,13 +99,7 @@ def test_senseflow_train_on_two_nodes_preempted_requeued_equals_uninterrupted(tw
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
-    # every loss term of every step equals a run that was never interrupted
-    ref = tmp_path / "reference"
-    train_inprocess(2, overrides + [f"train.output_dir={ref}"])
-    got, want = _trainer_rows(out), _trainer_rows(ref)
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert got[step] == want[step], step
+    _equals_uninterrupted(out, tmp_path / "reference", overrides, steps)
 
 
 def _wait_for(what: str, cond, timeout: float, explain) -> float:
@@ -126,7 +114,7 @@ def test_lost_node_requeues_and_resumes_from_the_last_checkpoint(two_nodes, tmp_
     """Node-loss drill: SIGKILL to everything on n2 (its slurmd, slurmstepd and rank) mid-run. The rank on n1
     aborts, the job script requeues because the run published checkpoints since it started, the node comes
     back, the job resumes from the last checkpoint and ends with the uninterrupted run's losses."""
-    from tests.trainer_helpers import make_teacher, train_inprocess
+    from tests.trainer_helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "teacher")
     steps = 16
@@ -172,9 +160,4 @@ def test_lost_node_requeues_and_resumes_from_the_last_checkpoint(two_nodes, tmp_
     (out / "node-loss-timeline.json").write_text(json.dumps(timeline))
     print(f"\nnode-loss drill (seconds after the kill): {timeline}; resumed from {saved}")
 
-    ref = tmp_path / "reference"
-    train_inprocess(2, overrides + [f"train.output_dir={ref}"])
-    got, want = _trainer_rows(out), _trainer_rows(ref)
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert got[step] == want[step], step
+    _equals_uninterrupted(out, tmp_path / "reference", overrides, steps)
