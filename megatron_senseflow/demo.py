@@ -280,7 +280,11 @@ def score(net: DigitNet, images: torch.Tensor, labels: torch.Tensor, ref_feats: 
     return {"fd": frechet_distance(feats.numpy().astype(np.float64), ref_feats), "accuracy": acc}
 
 
-def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_digit: int, cfg_scale: float, log) -> dict:
+SAMPLERS = ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler")
+
+
+def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_digit: int, cfg_scale: float, log,
+             which: tuple[str, ...] = SAMPLERS, grid: bool = True) -> dict:
     """Samples from teacher (50 and 4 Euler steps, CFG) and the student (4 steps, both samplers) -> table + grid."""
     from megatron_senseflow import flow
     from megatron_senseflow.config import ParallelConfig
@@ -330,6 +334,8 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
             "student_4_euler": lambda: sample_student(vel(student, s_den, c, p), noise, taus, "euler"),
         }
         for name, fn in samplers.items():
+            if name not in which:
+                continue
             t0 = time.time()
             img = F.pixel_shuffle(fn(), 2).clamp(-1, 1)
             results[name] = score(net, img, y, ref)
@@ -337,7 +343,8 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
             rows[name] = img[torch.arange(10) * per_digit]  # the first sample of each digit
             log(f"{name}: FD {results[name]['fd']:.2f}, prompt accuracy {results[name]['accuracy']:.1%}")
     results["real"] = {"classifier_held_out_accuracy": held_out}
-    save_grid(rows, out / "grid.png")
+    if grid:
+        save_grid(rows, out / "grid.png")
     destroy_distributed()
     return results
 
@@ -381,6 +388,138 @@ def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cf
     }
 
 
+# --------------------------------------------------------------------------- ablations in miniature
+
+# the paper's Fig. 3 (DMD2 at TTUR 5/10/20 against SenseFlow's IDA at TTUR 5/10) and Table 3 (without ISG,
+# without the GAN term), plus SiD; each a change of the demo recipe
+ABLATIONS = {
+    "dmd2_ttur5": {"method": "dmd2", "distill": {"ttur": 5}},
+    "dmd2_ttur10": {"method": "dmd2", "distill": {"ttur": 10}},
+    "dmd2_ttur20": {"method": "dmd2", "distill": {"ttur": 20}},
+    "senseflow_ttur5": {"distill": {"ttur": 5}},
+    "senseflow_ttur10": {"distill": {"ttur": 10}},
+    "senseflow_no_isg": {"distill": {"isg_weight": 0.0}},
+    "senseflow_no_gan": {"distill": {"gan_weight": 0.0}},
+    "sid": {"method": "sid"},
+}
+
+
+class DigitFeatures(nn.Module):
+    """The evaluation classifier's features with the in-loop evaluation's calling convention
+    (uint8 RGB [N, 3, H, W] -> [N, 64]), saved as TorchScript for eval.features."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x[:, :1].float() / 127.5 - 1.0)
+
+
+def _merge(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def fd_spread(curve: list[float]) -> float:
+    """Oscillation: max - min of the Frechet distance over the last third of the evaluations."""
+    tail = curve[len(curve) - max(1, len(curve) // 3):]
+    return max(tail) - min(tail)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """FD against iteration, one coloured line per variant, with axes and a legend (PIL: no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    w, h, left, right, top, bottom = 900, 520, 60, 220, 30, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    pts = [p for c in curves.values() for p in c]
+    x_max = max(s for s, _ in pts)
+    y_max = max(v for _, v in pts) * 1.05
+    sx = lambda s: left + (w - left - right) * s / x_max  # noqa: E731
+    sy = lambda v: h - bottom - (h - top - bottom) * v / y_max  # noqa: E731
+    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    for i in range(6):
+        v = y_max * i / 5
+        d.line([(left - 4, sy(v)), (left, sy(v))], fill="black")
+        d.text((5, sy(v) - 6), f"{v:.0f}" if y_max >= 10 else f"{v:.1f}", fill="black")
+        s = x_max * i / 5
+        d.text((sx(s) - 10, h - bottom + 6), f"{s:.0f}", fill="black")
+    d.text((left, 8), title, fill="black")
+    d.text((w - right - 60, h - 18), "iteration", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, (name, curve) in enumerate(curves.items()):
+        col = colours[i % len(colours)]
+        d.line([(sx(s), sy(v)) for s, v in curve], fill=col, width=2)
+        d.line([(w - right + 10, top + 18 * i + 6), (w - right + 30, top + 18 * i + 6)], fill=col, width=3)
+        d.text((w - right + 36, top + 18 * i), name, fill="black")
+    img.save(path)
+
+
+def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) -> int:
+    """Every variant of ABLATIONS (or --variants) from the one cached teacher, with the in-loop evaluation on."""
+    import yaml
+
+    images, labels = digit_images()
+    net, _ = train_classifier(images, labels)
+    feats = out / "digit_features.pt"
+    torch.jit.script(DigitFeatures(net.body)).save(str(feats))
+    names = args.variants.split(",") if args.variants else list(ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(ABLATIONS)}.")
+    every = max(1, args.steps // 10)
+    rows, curves = {}, {}
+    for name in names:
+        run_dir = out / "ablation" / name
+        recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg), ABLATIONS[name])
+        recipe["eval"] = {"every": every, "num_samples": 128, "features": str(feats)}
+        recipe["logging"]["image_every"] = 0
+        path = out / "ablation" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        log(f"ablation {name}: senseflow train {path}")
+        t0 = time.time()
+        # evaluate() of the previous variant initialised torch.distributed in this process, which left its
+        # rendezvous variables in os.environ (and its port bound): the next run must choose its own
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(path)],
+                             stdout=subprocess.DEVNULL, env=env)
+        seconds = time.time() - t0
+        if rc != 0:
+            print(f"senseflow demo: ablation {name} failed (exit {rc}); rerun {path} to see why.", file=sys.stderr)
+            return rc
+        evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["step"], r["eval/fd_euler"]) for r in evals if "eval/fd_euler" in r]
+        curves[name] = curve
+        res = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log,
+                       which=("student_4_stochastic", "student_4_euler"), grid=False)
+        fds = [v for _, v in curve]
+        rows[name] = {"final_fd": fds[-1], "best_fd": min(fds), "fd_spread_last_third": fd_spread(fds),
+                      "accuracy_euler": res["student_4_euler"]["accuracy"],
+                      "accuracy_stochastic": res["student_4_stochastic"]["accuracy"],
+                      "fd_euler_1000": res["student_4_euler"]["fd"], "seconds": round(seconds, 1)}
+    plot_curves(curves, out / "ablation.png",
+                f"in-loop FD (Euler, 128 samples) against iteration, {args.steps} iterations, batch 64")
+    lines = ["| variant | final FD | best FD | FD spread, last third | prompt accuracy (Euler / stochastic) | "
+             "FD, 1000 samples (Euler) | wall time |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['final_fd']:.2f} | {r['best_fd']:.2f} | {r['fd_spread_last_third']:.2f} | "
+                     f"{r['accuracy_euler']:.1%} / {r['accuracy_stochastic']:.1%} | {r['fd_euler_1000']:.2f} | "
+                     f"{r['seconds']:.0f} s |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
+    print("\n".join(lines))
+    print(f"\nablation: {out / 'ablation.png'}  {out / 'ablation.md'}  {out / 'ablation.json'}")
+    return 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (results.json, grid.png, the training run)")
     p.add_argument("--cache", default=os.environ.get("SENSEFLOW_CACHE", str(Path.home() / ".cache" / "megatron_senseflow")),
@@ -389,6 +528,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="distillation iterations")
     p.add_argument("--per-digit", type=int, default=100, help="samples per digit for the evaluation")
     p.add_argument("--cfg", type=float, default=1.0, help="teacher CFG scale, in distillation and for the teacher rows")
+    p.add_argument("--ablate", action="store_true",
+                   help="instead of the one student: train the ablation variants (DMD2 at TTUR 5/10/20, SenseFlow at "
+                        "TTUR 5/10, without ISG, without the GAN term, SiD) with the in-loop evaluation on; writes "
+                        "ablation.png (FD against iteration) and ablation.md / .json")
+    p.add_argument("--variants", default=None, help="comma list of ablation variants (default: all)")
     p.add_argument("--teacher-steps", type=int, default=TEACHER_TRAIN["steps"],
                    help="teacher training steps (fewer only for smoke tests: a weak teacher makes a weak student)")
 
@@ -406,6 +550,8 @@ def run(args: argparse.Namespace) -> int:
     teacher, text = ensure_teacher(Path(args.cache), log, args.teacher_steps)
     data = write_data(out, text)
     log(f"data: encoded shards in {data}")
+    if args.ablate:
+        return ablate(args, teacher, text, data, out, log)
     run_dir = out / "run"
     recipe = out / "demo_recipe.yaml"
     recipe.write_text(yaml.safe_dump(demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg), sort_keys=False))

@@ -92,6 +92,38 @@ def test_demo_nproc_2_distils_at_tp2_and_evaluates_at_tp1(demo, tmp_path):
     assert all(math.isfinite(results[k]["fd"]) for k in ("student_4_stochastic", "student_4_euler"))
 
 
+def test_demo_ablate_trains_each_variant_with_in_loop_evaluation(demo, tmp_path):
+    root, _ = demo
+    out = tmp_path / "out"
+    r = _run("demo", "--ablate", "--variants", "dmd2_ttur5,senseflow_no_gan", "--out", out, "--cache", root / "cache",
+             "--teacher-steps", 30, "--steps", 4, "--per-digit", 2)
+    assert "teacher: cached" in r.stdout
+    res = json.loads((out / "ablation.json").read_text())
+    assert list(res["rows"]) == ["dmd2_ttur5", "senseflow_no_gan"]
+    for name, row in res["rows"].items():
+        # eval.every = max(1, 4 // 10) = 1: an FD at every iteration, from the in-loop evaluation's own numbers
+        curve = res["curves"][name]
+        assert [s for s, _ in curve] == [1, 2, 3, 4]
+        fds = [v for _, v in curve]
+        assert row["final_fd"] == fds[-1] and row["best_fd"] == min(fds)
+        assert row["fd_spread_last_third"] == max(fds[-1:]) - min(fds[-1:])
+        assert 0 <= row["accuracy_euler"] <= 1
+    # each variant's recipe is the demo recipe with its change
+    recipe = (out / "ablation" / "dmd2_ttur5.yaml").read_text()
+    assert "method: dmd2" in recipe and "ttur: 5" in recipe
+    assert "gan_weight: 0.0" in (out / "ablation" / "senseflow_no_gan.yaml").read_text()
+    png = _png(out / "ablation.png")
+    assert png.shape[:2] == (520, 900) and len(np.unique(png.reshape(-1, png.shape[-1]), axis=0)) > 4
+    assert "| dmd2_ttur5 |" in (out / "ablation.md").read_text()
+
+
+def test_fd_spread_is_the_range_of_the_last_third():
+    from megatron_senseflow.demo import fd_spread
+
+    assert fd_spread([9.0, 1.0, 5.0, 2.0, 4.0, 3.0]) == 1.0  # last third: 4, 3
+    assert fd_spread([2.0]) == 0.0
+
+
 @pytest.fixture(scope="module")
 def prompts(demo):
     root, _ = demo
