@@ -263,20 +263,12 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) 
     return net, acc
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
 @torch.no_grad()
 def score(net: DigitNet, images: torch.Tensor, labels: torch.Tensor, ref_feats: np.ndarray) -> dict[str, float]:
     feats = net.body(images)
     acc = (net.head(feats).argmax(1) == labels).float().mean().item()
+    from .evaluation import frechet_distance
+
     return {"fd": frechet_distance(feats.numpy().astype(np.float64), ref_feats), "accuracy": acc}
 
 

@@ -386,7 +386,7 @@ class Trainer:
         (SENSEFLOW_SIGNAL_LEAD); warn once when a step plus two saves would not fit in it (the second
         save is the margin for a stop that arrives while the storage is still busy with the first)."""
         lead = os.environ.get("SENSEFLOW_SIGNAL_LEAD")
-        save_s = getattr(self.ckpt, "last_save_seconds", None)
+        save_s = self.ckpt.last_save_seconds
         if self._lead_checked or not lead or save_s is None or not self.env.is_main:
             return
         self._lead_checked = True

@@ -266,18 +266,24 @@ def _tiny_clip(directory: Path) -> None:
     proc.save_pretrained(directory)
 
 
+def _eval_three_images(tmp_path, seed: int, flag: str, model_dir: Path, metric: str) -> tuple[float, list[str]]:
+    """Three random images with one prompt each, scored by `senseflow eval --metrics METRIC`."""
+    rng = np.random.default_rng(seed)
+    _write_pngs(tmp_path / "imgs", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
+    lines = ["a red cat", "two dogs", "a blue house"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    _run("eval", "--images", tmp_path / "imgs", flag, model_dir, "--prompts", tmp_path / "prompts.txt",
+         "--metrics", metric, "--out", tmp_path / "r.json")
+    key = {"clip": "clip_score"}.get(metric, metric)
+    return json.loads((tmp_path / "r.json").read_text())[key], lines
+
+
 def test_eval_clip_score_pairs_each_image_with_its_prompt(tmp_path):
     """CLIPScore through our loader equals 100 * max(cos, 0) computed by hand with the same model."""
     from transformers import CLIPModel, CLIPProcessor
 
     _tiny_clip(tmp_path / "clip")
-    rng = np.random.default_rng(1)
-    _write_pngs(tmp_path / "imgs", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
-    lines = ["a red cat", "two dogs", "a blue house"]
-    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
-    _run("eval", "--images", tmp_path / "imgs", "--clip", tmp_path / "clip", "--prompts", tmp_path / "prompts.txt",
-         "--metrics", "clip", "--out", tmp_path / "r.json")
-    got = json.loads((tmp_path / "r.json").read_text())["clip_score"]
+    got, lines = _eval_three_images(tmp_path, 1, "--clip", tmp_path / "clip", "clip")
 
     from megatron_senseflow.eval_cli import list_images, load_uint8
 
@@ -304,13 +310,7 @@ def test_eval_pickscore_is_the_learned_scale_times_the_cosine(tmp_path):
         model.logit_scale.fill_(math.log(87.0))  # a learned scale, not CLIP's initial 1/0.07
     model.save_pretrained(tmp_path / "pick")
     CLIPProcessor.from_pretrained(tmp_path / "clip").save_pretrained(tmp_path / "pick")
-    rng = np.random.default_rng(3)
-    _write_pngs(tmp_path / "imgs", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
-    lines = ["a red cat", "two dogs", "a blue house"]
-    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
-    _run("eval", "--images", tmp_path / "imgs", "--pickscore", tmp_path / "pick", "--prompts", tmp_path / "prompts.txt",
-         "--metrics", "pickscore", "--out", tmp_path / "r.json")
-    got = json.loads((tmp_path / "r.json").read_text())["pickscore"]
+    got, lines = _eval_three_images(tmp_path, 3, "--pickscore", tmp_path / "pick", "pickscore")
 
     from megatron_senseflow.eval_cli import list_images, load_uint8
 
