@@ -175,9 +175,28 @@ class OptimizerConfig:
 
 
 @dataclass(kw_only=True)
+class LoRAConfig:
+    rank: NonNegativeInt = 0
+    """Adapter rank r; 0 = full fine-tuning (no adapters)."""
+    alpha: Positive | None = None
+    """Adapter scale numerator: the delta is (alpha / r) B A; None = r (scale 1)."""
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """Dropout on the adapter input (PEFT's lora_dropout); only 0 is supported for now."""
+    targets: list[Literal["qkv", "proj", "mlp"]] = field(default_factory=lambda: ["qkv", "proj", "mlp"])
+    """Linears that get adapters in every block: 'qkv' the (fused) attention projections of both streams, 'proj'
+    the attention output projections (and FLUX's single-block proj_out), 'mlp' both MLP linears."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(kw_only=True)
 class GeneratorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the generator."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Train low-rank adapters over the teacher's frozen weights instead of all weights (rank 0: off)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """Compute precision: 'bf16' or 'fp32' (the generator never runs FP8)."""
     ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0
@@ -188,6 +207,8 @@ class GeneratorConfig:
 class FakeScoreConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings of the fake score."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters over the teacher's frozen weights (rank 0: full fine-tuning)."""
     precision: Literal["bf16", "fp8", "fp32"] = "bf16"
     """Compute precision: 'bf16', 'fp8' (TransformerEngine) or 'fp32'."""
 
@@ -541,12 +562,37 @@ class Config:
             law = getattr(d, name)
             if law.kind == "uniform_index" and law.index_min > law.index_max:
                 raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
+        self._check_lora()
         dc = self.roles.discriminator
         width = arch.pooled_projection_dim
         if dc.enabled and dc.text_condition == "clip_l" and (width < 768 if arch.family == "sd3" else width != 768):
             raise ConfigError(f"roles.discriminator.text_condition='clip_l' reads CLIP ViT-L/14's 768-channel "
                               f"embedding from the pooled text embedding, but this {arch.label} model's is {width} "
                               f"wide; use text_condition='pooled'.")
+
+
+    def _check_lora(self) -> None:
+        g, f = self.roles.generator.lora, self.roles.fake_score.lora
+        for name, lc in (("generator", g), ("fake_score", f)):
+            if lc.enabled and lc.dropout:
+                raise ConfigError(f"roles.{name}.lora.dropout={lc.dropout}: adapter dropout is not supported yet "
+                                  f"(it would need one dropout mask per TP group); use 0.")
+            if lc.enabled and not lc.targets:
+                raise ConfigError(f"roles.{name}.lora.targets is empty; name at least one of qkv, proj, mlp.")
+        if not (g.enabled or f.enabled):
+            return
+        if self.parallel.sequence_parallel:
+            raise ConfigError("LoRA adapters do not support parallel.sequence_parallel yet; set it to false.")
+        if self.roles.teacher.fp8_weights:
+            raise ConfigError("roles.teacher.fp8_weights stores the teacher's weights in FP8, but LoRA roles share "
+                              "those weights as their frozen base; set roles.teacher.fp8_weights=false (the teacher "
+                              "still computes in FP8 with precision=fp8).")
+        ida = self.method == "senseflow" and self.distill.ida_lambda < 1
+        same = (g.rank, g.alpha, sorted(g.targets)) == (f.rank, f.alpha, sorted(f.targets))
+        if ida and not same:
+            raise ConfigError("IDA blends the fake score toward the generator weight by weight, so both need the "
+                              "same adaptation: give roles.generator.lora and roles.fake_score.lora the same rank, "
+                              "alpha and targets (or rank 0 for both), or disable IDA with distill.ida_lambda=1.")
 
 
 # --------------------------------------------------------------------------- loading

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .roles import trainable_params
+
 EVAL_SEED = 7919  # offset of the evaluation noise streams from train.seed
 
 
@@ -136,7 +138,7 @@ class InLoopEval:
         logs: dict[str, float] = {}
         variants = [("", None)] + ([("ema_", t.ema)] if t.ema is not None else [])
         for prefix, ema in variants:
-            params = list(t.G.module.parameters())
+            params = trainable_params(t.G.module)
             saved = [p.detach().clone() for p in params] if ema is not None else None
             if ema is not None:
                 with torch.no_grad():

@@ -203,8 +203,13 @@ class Objective:
     def after_generator_update(self, logs: dict) -> None:
         """IDA into the fake score and the generator EMA, after each generator update."""
         if self.use_ida:
-            sq = ida_blend(self.F, self.G, self.d.ida_lambda)
-            logs["ida/phi_minus_theta"] = math.sqrt(self.env.sum_over_model_parallel(sq))
+            shares = ida_blend(self.F, self.G, self.d.ida_lambda)
+            logs["ida/phi_minus_theta"] = math.sqrt(self.env.sum_over_model_parallel(shares["sq"]))
+            if "lora_err_sq" in shares:  # LoRA: what blending the factors misses of the exact weight blend
+                err = math.sqrt(self.env.sum_over_model_parallel(shares["lora_err_sq"]))
+                move = math.sqrt(self.env.sum_over_model_parallel(shares["lora_move_sq"]))
+                logs["ida/lora_factor_error"] = err
+                logs["ida/lora_relative_error"] = err / move if move > 0 else 0.0
         if self.roles.ema is not None:
             self.roles.ema.update()
 

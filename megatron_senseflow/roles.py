@@ -450,16 +450,29 @@ def main_param_shards(optimizer) -> list[torch.Tensor]:
     return out
 
 
+def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What a role trains: every weight, or its LoRA adapters (the base is the teacher's, frozen)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 @torch.no_grad()
-def ida_blend(fake: Role, generator: Role, lam: float) -> float:
+def ida_blend(fake: Role, generator: Role, lam: float) -> dict[str, float]:
     """phi <- lam * phi + (1 - lam) * theta on this rank's shards, model weights and fp32 main copies.
 
     Blending only the (bf16) model weights would be undone by the fake score's
-    next optimizer step, which writes its own fp32 main copy back. Returns
-    ||phi - theta||^2 of the local shard after blending (for logging).
+    next optimizer step, which writes its own fp32 main copy back. Returns this
+    rank's shares (summed over TP and PP by the caller): `sq` = ||phi - theta||^2
+    of the trained tensors after blending; with LoRA also `lora_err_sq` and
+    `lora_move_sq`, the effective-weight error of blending factors and the exact
+    rule's move (models/lora.py ida_factor_error), before blending.
     """
-    f_params = list(fake.module.parameters())
-    g_params = list(generator.module.parameters())
+    out = {}
+    if getattr(fake.module, "lora_spec", None) is not None:
+        from megatron_senseflow.models.lora import ida_factor_error
+
+        out["lora_err_sq"], out["lora_move_sq"] = ida_factor_error(fake.module, generator.module, lam)
+    f_params = trainable_params(fake.module)
+    g_params = trainable_params(generator.module)
     if [p.shape for p in f_params] != [p.shape for p in g_params]:
         raise RuntimeError("IDA needs generator and fake score with identical layouts.")
     sq = 0.0
@@ -471,7 +484,8 @@ def ida_blend(fake: Role, generator: Role, lam: float) -> float:
         raise RuntimeError("IDA needs generator and fake score optimizers with identical main-weight shards.")
     for mf, mg in zip(f_main, g_main):
         mf.mul_(lam).add_(mg, alpha=1 - lam)
-    return sq
+    out["sq"] = sq
+    return out
 
 
 @dataclass
@@ -494,11 +508,11 @@ class EMA:
     def __init__(self, generator: Role, decay: float):
         self.generator = generator
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in generator.module.parameters()]
+        self.shadow = [p.detach().float().clone() for p in trainable_params(generator.module)]
 
     @torch.no_grad()
     def update(self):
-        for s, p in zip(self.shadow, self.generator.module.parameters()):
+        for s, p in zip(self.shadow, trainable_params(self.generator.module)):
             s.mul_(self.decay).add_(p.float(), alpha=1 - self.decay)
 
     def state(self) -> list[torch.Tensor]:
@@ -509,7 +523,7 @@ class EMA:
         import dataclasses
 
         module = self.generator.module
-        by_param = {id(p): s for p, s in zip(module.parameters(), self.shadow)}
+        by_param = {id(p): s for p, s in zip(trainable_params(module), self.shadow)}
         return {k: dataclasses.replace(v, data=by_param[id(v.data)])
                 for k, v in module.sharded_state_dict().items() if id(v.data) in by_param}
 
@@ -524,7 +538,9 @@ class EMA:
         dist.barrier()
         request = dist_save(self._sharded(), str(directory), async_save)
         if dist.get_rank() == 0:
-            write_meta(directory, self.generator.arch, torch.float32)
+            from megatron_senseflow.models.checkpoint_io import lora_meta
+
+            write_meta(directory, self.generator.arch, torch.float32, lora_meta(self.generator.module))
         return [request] if async_save else []
 
     def load_state(self, step_dir: Path) -> None:

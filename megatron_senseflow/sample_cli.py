@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--ckpt", help="Megatron checkpoint: role dir, step dir or training output dir")
     src.add_argument("--diffusers", help="exported diffusers transformer or pipeline directory")
     p.add_argument("--role", default="generator", help="role to sample from a step directory (generator, ema, ...)")
+    p.add_argument("--base", default=None, help="a LoRA run's base checkpoint (default: the one its adapters record)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output folder for PNGs")
     p.add_argument("--text-encoder", required=True, help="diffusers pipeline directory with the text encoders, or 'demo'")
@@ -68,7 +69,7 @@ def load_model(args, tp: int, pp: int):
     """(module, arch) at this rank's layout from a Megatron checkpoint or an exported diffusers directory."""
     from megatron_senseflow.models import build_model, hf_mapping, transformer_config
     from megatron_senseflow.models.checkpoint_io import checkpoint_arch
-    from megatron_senseflow.models.checkpoint_io import load_model as load_role
+    from megatron_senseflow.models.checkpoint_io import load_trained
 
     if args.ckpt:
         from megatron_senseflow.checkpoint import resolve_role_dir
@@ -79,7 +80,7 @@ def load_model(args, tp: int, pp: int):
         if int(__import__("os").environ.get("RANK", "0")) == 0:
             print(f"sampling the {role_dir.name} of {step or 'a role checkpoint'} ({role_dir})", flush=True)
         module = build_model(arch, transformer_config(arch, tp=tp, pp=pp))
-        load_role(module, arch, role_dir)
+        load_trained(module, arch, role_dir, args.base)
     else:
         from megatron_senseflow.models.configs import arch_of_diffusers_dir
         from megatron_senseflow.tools.hf_io import SafetensorsDir, find_transformer_dir

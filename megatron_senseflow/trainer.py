@@ -102,12 +102,15 @@ class Trainer:
             self.T = build_role("teacher", self.t_arch, tconf(self.t_arch, "none", r.teacher.precision, "e4m3",
                                                               r.teacher.fp8_weights), **common)
             self._init_teacher()
-        init = self._student_init
-        with self._phase("building the generator and the fake score (copies of the teacher) and their optimizers"):
+        what = ("copies of the teacher" if not (r.generator.lora.enabled or r.fake_score.lora.enabled)
+                else "LoRA adapters over the teacher's weights where lora.rank > 0")
+        with self._phase(f"building the generator and the fake score ({what}) and their optimizers"):
             self.G = build_role("generator", self.s_arch, tconf(self.s_arch, c.model.recompute),
-                                optimizer_cfg=c.roles.generator.optimizer, init_fn=init, **common)
+                                optimizer_cfg=c.roles.generator.optimizer,
+                                init_fn=self._student_init_for(r.generator.lora), **common)
             self.F = build_role("fake_score", self.s_arch, tconf(self.s_arch, c.model.recompute, r.fake_score.precision),
-                                optimizer_cfg=c.roles.fake_score.optimizer, init_fn=init, **common)
+                                optimizer_cfg=c.roles.fake_score.optimizer,
+                                init_fn=self._student_init_for(r.fake_score.lora), **common)
         ema = EMA(self.G, c.roles.generator.ema_decay) if c.roles.generator.ema_decay > 0 else None
         self.ema = ema
 
@@ -171,6 +174,30 @@ class Trainer:
         with torch.no_grad():
             for name, p in module.named_parameters():
                 p.copy_(teacher[name])
+
+    def _student_init_for(self, lora):
+        """Full fine-tuning: a copy of the teacher. LoRA: the teacher's own weight tensors as the frozen base (one
+        copy in memory for all three roles) plus adapters, the same initial adapters for both roles (B = 0, so
+        generator and fake score start as the teacher, as with full copies)."""
+        if not lora.enabled:
+            return self._student_init
+
+        def init(module):
+            from megatron_senseflow.models.lora import LoRASpec, add_lora
+
+            teacher = dict(self.T.module.named_parameters())
+            for name, p in list(module.named_parameters()):
+                owner, _, leaf = name.rpartition(".")
+                t = teacher[name]  # FLUX: the student lacks only the teacher's guidance embedder
+                if t.shape != p.shape or t.dtype != p.dtype:
+                    raise RuntimeError(f"LoRA base {name}: teacher {tuple(t.shape)} {t.dtype} vs student "
+                                       f"{tuple(p.shape)} {p.dtype}")
+                module.get_submodule(owner)._parameters[leaf] = t
+            add_lora(module, LoRASpec(lora.rank, lora.alpha or lora.rank, tuple(lora.targets)),
+                     self.s_arch.attention_head_dim, seed=self.cfg.train.seed)
+            module.lora_base = self.cfg.roles.teacher.checkpoint  # written into role checkpoints' metadata
+
+        return init
 
     def _build_discriminator(self) -> DiscriminatorRole:
         dc = self.cfg.roles.discriminator

@@ -88,8 +88,11 @@ class DiTBase(MegatronModule):
         return local_name
 
     def tensors(self):
-        """(local name, tensor) for every parameter and persistent buffer (not TE/FP8 extra state)."""
-        return [(k, v) for k, v in self.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")]
+        """(local name, tensor) for every parameter and persistent buffer (not TE/FP8 extra state); of a model
+        with LoRA adapters (models/lora.py) only the adapters: its base is another role's frozen weights."""
+        lora = getattr(self, "lora_spec", None) is not None
+        return [(k, v) for k, v in self.state_dict(keep_vars=True).items()
+                if not k.endswith("_extra_state") and (not lora or ".lora." in k)]
 
     # ---- canonical <-> local
     def local_from_canonical(self, canonical: dict[str, torch.Tensor], strict: bool = True) -> list[str]:

@@ -34,8 +34,18 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be loaded into the requested model, in one sentence."""
 
 
-def write_meta(directory: str | Path, arch: Arch, dtype: torch.dtype) -> None:
+def lora_meta(model) -> dict | None:
+    """What a checkpoint of adapters needs besides its tensors: the adapters' shape and the base they adapt."""
+    spec = getattr(model, "lora_spec", None)
+    if spec is None:
+        return None
+    return {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "base": getattr(model, "lora_base", None)}
+
+
+def write_meta(directory: str | Path, arch: Arch, dtype: torch.dtype, lora: dict | None = None) -> None:
     meta = {"format": FORMAT, "arch": arch_to_dict(arch), "dtype": str(dtype).replace("torch.", "")}
+    if lora is not None:
+        meta["lora"] = lora  # the directory holds adapters only (models/lora.py)
     path = Path(directory) / META_NAME
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -84,7 +94,7 @@ def save_model(model: DiTBase, arch: Arch, directory: str | Path, async_save: bo
         dist.barrier()
     request = dist_save(model.sharded_state_dict(), str(directory), async_save)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_meta(directory, arch, next(model.parameters()).dtype)
+        write_meta(directory, arch, next(model.parameters()).dtype, lora_meta(model))
     if dist.is_initialized():
         dist.barrier()
     return [request] if async_save else []
@@ -93,12 +103,38 @@ def save_model(model: DiTBase, arch: Arch, directory: str | Path, async_save: bo
 def load_model(model: DiTBase, arch: Arch, directory: str | Path, allow_guidance_drop: bool = False) -> None:
     """Load a role checkpoint into this rank's part of `model` (any TP/PP layout)."""
     check_arch(directory, arch, allow_guidance_drop)
+    saved_lora, want_lora = read_meta(directory).get("lora"), lora_meta(model)
+    if saved_lora and not want_lora:
+        raise CheckpointError(f"{directory} holds LoRA adapters (rank {saved_lora['rank']}) over the base "
+                              f"{saved_lora.get('base')}, not full weights; load it with its base "
+                              f"(`senseflow sample --lora {directory}`, `senseflow export --lora` or `--merge`).")
+    if want_lora and not saved_lora:
+        raise CheckpointError(f"{directory} holds full weights, but this model expects LoRA adapters.")
     # keys the model does not ask for (a dropped guidance embedder) are simply not read
     loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     missing, unexpected = model.load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    wanted = {k for k, _ in model.tensors()}  # a LoRA model asks for its adapters only
+    missing = [k for k in missing if k in wanted]
     if missing or unexpected:
         raise CheckpointError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]} after load.")
+
+
+def load_trained(model: DiTBase, arch: Arch, directory: str | Path, base: str | Path | None = None) -> None:
+    """A trained role into a plain model: full weights as load_model, or a LoRA run's adapters over their base
+    (`base`, else the base the checkpoint records), attaching the adapters to `model`."""
+    info = read_meta(directory).get("lora")
+    if not info:
+        load_model(model, arch, directory)
+        return
+    from .lora import add_lora, spec_from_meta
+
+    base = base or info.get("base")
+    if not base:
+        raise CheckpointError(f"{directory} holds LoRA adapters whose run had a random teacher (no base checkpoint "
+                              f"recorded); pass the base with --base DIR.")
+    load_model(model, arch, base, allow_guidance_drop=True)
+    add_lora(model, spec_from_meta(info), arch.attention_head_dim)
+    load_model(model, arch, directory)
 
 
 @dataclass(frozen=True)
@@ -120,7 +156,7 @@ class StoredTensor:
     parts: tuple[StoredPart, ...]
 
 
-def checkpoint_layout(arch: Arch) -> dict[str, StoredTensor]:
+def checkpoint_layout(arch: Arch, lora=None) -> dict[str, StoredTensor]:
     """What `save_model` writes for `arch`: canonical key -> global shape and checkpoint key(s).
 
     Read off the whole model built on the meta device (no memory, well under a
@@ -136,6 +172,10 @@ def checkpoint_layout(arch: Arch) -> dict[str, StoredTensor]:
     tp = ps.get_tensor_model_parallel_world_size()
     with torch.device("meta"):
         model = build_model(arch, transformer_config(arch, tp=tp), layout=StageLayout(0, arch.num_blocks, True, True))
+        if lora is not None:  # models.lora.LoRASpec: a checkpoint of adapters
+            from .lora import add_lora
+
+            add_lora(model, lora, arch.attention_head_dim)
     out: dict[str, StoredTensor] = {}
     for name, t in model.tensors():
         key = model.global_name(name)

@@ -156,3 +156,47 @@ def hf_keys(arch: Arch) -> list[str]:
 
 def our_keys(arch: Arch) -> list[str]:
     return [grp.ours for grp in groups(arch)]
+
+
+# --------------------------------------------------------------------------- LoRA adapters (models/lora.py)
+
+
+def lora_groups(arch: Arch, targets: tuple[str, ...]) -> list[Group]:
+    """One group per adapted linear: ours `<linear>.lora` <-> diffusers module(s) (three for a fused QKV)."""
+    from .lora import TARGETS
+
+    leaves = {leaf for t in targets for leaf in TARGETS[t]}
+    out = []
+    for grp in groups(arch):
+        if not grp.ours.endswith(".weight"):
+            continue
+        module = grp.ours[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] in leaves:
+            out.append(Group(f"{module}.lora", tuple(t[: -len(".weight")] for t in grp.theirs), grp.kind))
+    return out
+
+
+def lora_to_hf(arch: Arch, targets: tuple[str, ...], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(diffusers/PEFT key `<module>.lora_A.weight` / `.lora_B.weight`, tensor); `get(canonical key)` reads ours."""
+    for grp in lora_groups(arch, targets):
+        a, b = get(f"{grp.ours}.A"), get(f"{grp.ours}.B")
+        if grp.kind == "qkv":
+            for name, a_p, b_p in zip(grp.theirs, a.chunk(3), split_qkv(b, arch.num_attention_heads)):
+                yield f"{name}.lora_A.weight", a_p.contiguous()
+                yield f"{name}.lora_B.weight", b_p
+        else:
+            yield f"{grp.theirs[0]}.lora_A.weight", a
+            yield f"{grp.theirs[0]}.lora_B.weight", b
+
+
+def hf_to_lora(arch: Arch, targets: tuple[str, ...], get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical `<linear>.lora.A` / `.B`, tensor) from diffusers/PEFT adapter tensors; `get(key)` as above."""
+    for grp in lora_groups(arch, targets):
+        a = [get(f"{n}.lora_A.weight") for n in grp.theirs]
+        b = [get(f"{n}.lora_B.weight") for n in grp.theirs]
+        if grp.kind == "qkv":
+            yield f"{grp.ours}.A", torch.cat(a)
+            yield f"{grp.ours}.B", interleave_qkv(*b, arch.num_attention_heads)
+        else:
+            yield f"{grp.ours}.A", a[0]
+            yield f"{grp.ours}.B", b[0]

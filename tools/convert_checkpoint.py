@@ -229,8 +229,15 @@ def export_checkpoint(
     link: str = "copy",
     overwrite: bool = False,
     progress: bool | None = None,
+    lora: bool = False,
+    merge: bool = False,
+    base: str | Path | None = None,
 ) -> Path:
-    """Role checkpoint -> diffusers transformer directory (or pipeline directory). Returns the transformer dir."""
+    """Role checkpoint -> diffusers transformer directory (or pipeline directory). Returns the transformer dir.
+
+    A checkpoint of LoRA adapters (models/lora.py) exports with `lora` as a diffusers LoRA file (see
+    export_lora), or with `merge` as full weights: its base (`base`, else the one its metadata names) plus
+    scale * B A per adapted linear."""
     import json
 
     from megatron_senseflow.models import hf_mapping
@@ -240,11 +247,33 @@ def export_checkpoint(
     from megatron_senseflow.checkpoint import resolve_role_dir
     from megatron_senseflow.tools.megatron_io import RoleCheckpointReader
 
+    from megatron_senseflow.models.checkpoint_io import read_meta
+    from megatron_senseflow.models.lora import canonical_delta, spec_from_meta
+
     role_dir = resolve_role_dir(ckpt, role)
     try:
         arch = checkpoint_arch(role_dir)
+        lora_info = read_meta(role_dir).get("lora")
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
+    if (lora or merge) and not lora_info:
+        raise ConversionError(f"{role_dir} holds full weights, not LoRA adapters; export it without --lora / --merge.")
+    if lora_info and not (lora or merge):
+        raise ConversionError(f"{role_dir} holds LoRA adapters (rank {lora_info['rank']}); choose --lora (a diffusers "
+                              f"LoRA file for load_lora_weights) or --merge (full weights: base + adapters).")
+    if lora:
+        return export_lora(role_dir, out, arch, spec_from_meta(lora_info), overwrite=overwrite)
+    adapters = None
+    if merge:
+        spec = spec_from_meta(lora_info)
+        base = base or lora_info.get("base")
+        if not base:
+            raise ConversionError(f"{role_dir} names no base checkpoint (its run had a random teacher); pass --base DIR.")
+        ensure_parallel_state()
+        a_layout = checkpoint_layout(arch, spec)
+        a_reader = RoleCheckpointReader(role_dir)
+        adapters = {g.ours[: -len(".lora")]: g for g in hf_mapping.lora_groups(arch, spec.targets)}
+        role_dir = resolve_role_dir(base, role)  # the weights below are the base's
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"--dtype {dtype} is unknown; use one of {', '.join(DTYPES)}.")
@@ -255,9 +284,14 @@ def export_checkpoint(
     ensure_parallel_state()
     layout = checkpoint_layout(arch)
     want = {p.key: p.shape for st in layout.values() for p in st.parts}
-    _check_keys(f"{role_dir}", set(want) - set(reader.tensors), set(reader.tensors) - set(want),
+    extra = set(reader.tensors) - set(want)
+    if merge:  # a FLUX.1-dev base keeps the guidance embedder the student drops
+        extra = {k for k in extra if not k.startswith("time_text_embed.guidance_embedder")}
+    _check_keys(f"{role_dir}", set(want) - set(reader.tensors), extra,
                 f"it does not hold the {arch.family} model its {role_dir.name}/senseflow_model.json describes.")
     for key, shape in want.items():
+        if merge and key.startswith("time_text_embed.guidance_embedder"):
+            continue
         if reader.tensors[key][0] != shape:
             raise ConversionError(f"tensor {key} in {role_dir} has shape {reader.tensors[key][0]}, but its "
                                   f"senseflow_model.json architecture expects {shape}; the checkpoint is damaged.")
@@ -286,6 +320,12 @@ def export_checkpoint(
     with _progress(sum(t.nbytes for t in plan), "export", progress) as bar:
         for grp in groups:
             t = reader.read_canonical(layout[grp.ours])
+            module = grp.ours[: -len(".weight")]
+            if adapters is not None and grp.ours.endswith(".weight") and module in adapters:
+                a = a_reader.read_canonical(a_layout[f"{module}.lora.A"])
+                b = a_reader.read_canonical(a_layout[f"{module}.lora.B"])
+                t = (t.float() + canonical_delta(a, b, adapters[module].kind == "qkv", arch.attention_head_dim,
+                                                 spec.scale)).to(t.dtype)
             if dtype is not None:
                 t = t.to(dtype)
             for hk, ht in hf_mapping.group_to_hf(arch, grp, t):
@@ -301,6 +341,34 @@ def export_checkpoint(
     (tdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     fsync_tree(out)
     return tdir
+
+
+def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool = False) -> Path:
+    """Adapters -> `out/pytorch_lora_weights.safetensors` in the diffusers layout that
+    FluxPipeline / SD3Pipeline.load_lora_weights read (`transformer.<module>.lora_A.weight`, fused QKV split into
+    to_q / to_k / to_v). The scale alpha / r is folded into B, so the file means the same under any alpha a
+    loader assumes for a file without alphas (diffusers: alpha = r). Returns `out`."""
+    from safetensors.torch import save_file
+
+    from megatron_senseflow.models import hf_mapping
+    from megatron_senseflow.models.checkpoint_io import checkpoint_layout
+    from megatron_senseflow.tools.megatron_io import RoleCheckpointReader
+
+    ensure_parallel_state()
+    layout = checkpoint_layout(arch, spec)
+    reader = RoleCheckpointReader(role_dir)
+    missing = set(p.key for st in layout.values() for p in st.parts) - set(reader.tensors)
+    _check_keys(f"{role_dir}", missing, set(), "it does not hold the adapters its senseflow_model.json describes.")
+    tensors = {}
+    for key, t in hf_mapping.lora_to_hf(arch, spec.targets, lambda k: reader.read_canonical(layout[k])):
+        if key.endswith(".lora_B.weight"):
+            t = t * spec.scale
+        tensors[f"transformer.{key}"] = t.contiguous()
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    save_file(tensors, str(out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    fsync_tree(out)
+    return out
 
 
 # ---------------------------------------------------------------- command line
@@ -326,6 +394,11 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast on the way out (default: keep the stored dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lora", action="store_true", help="a LoRA run's adapters as a diffusers LoRA file "
+                     "(--out/pytorch_lora_weights.safetensors, for load_lora_weights)")
+    how.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into full weights")
+    p.add_argument("--base", help="with --merge: the base role checkpoint (default: the one the adapters record)")
 
 
 def add_arguments_for(verb: str, parser: argparse.ArgumentParser) -> None:
@@ -354,8 +427,9 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
         print(f"{prog}: exporting the {role_dir.name} of {step} ({role_dir})", flush=True)
         out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
                                 max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
-                                overwrite=args.overwrite, progress=args.progress)
-        what = "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
+                                overwrite=args.overwrite, progress=args.progress, lora=args.lora, merge=args.merge,
+                                base=args.base)
+        what = "diffusers LoRA" if args.lora else "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
         out = Path(args.out)
     print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
     return 0

@@ -1,0 +1,339 @@
+"""LoRA adapters (models/lora.py) equal PEFT's LoRA on diffusers' own models, at every TP/PP layout.
+
+Every rank builds the same random diffusers model, injects PEFT adapters on the
+modules our defaults target (diffusers' `add_adapter`, the path
+`load_lora_weights` takes), randomises A and B, and loads base and adapters into
+our model through models.hf_mapping (the mapping `senseflow export --lora`
+writes with). Outputs and the adapters' gradients of a scalar loss must agree in
+fp32 (megatron's forward-backward schedule, 2 microbatches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.test_model_parity import LAYOUTS, VARIANTS, inputs, microbatches, reference
+
+RANK, ALPHA = 4, 8.0
+
+
+def peft_reference(variant: str, targets=("qkv", "proj", "mlp")):
+    from megatron_senseflow.models import hf_mapping
+    from peft import LoraConfig
+
+    arch, ref = reference(variant)
+    modules = [n for g in hf_mapping.lora_groups(arch, targets) for n in g.theirs]
+    # full module names, anchored: "proj_out" alone would also adapt the model's final projection
+    ref.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="|".join(f"^{n}$".replace(".", r"\.") for n in modules),
+                               init_lora_weights=False))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return arch, ref, modules
+
+
+def peft_key(key: str) -> str:
+    """Adapter-file key (`m.lora_A.weight`) -> PEFT's in-model parameter name (`m.lora_A.default.weight`)."""
+    return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+
+
+def _lora_body(env, variant, latent_hw, num_txt, pp_split=None):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models.base import local_slice
+    from megatron_senseflow.models.lora import LoRASpec, add_lora
+
+    arch, ref, modules = peft_reference(variant)
+    batch = inputs(arch, 2, latent_hw, num_txt)
+    num_mb = 2
+    head = torch.randn(ref(**batch).sample.shape, generator=torch.Generator().manual_seed(9))
+    ref_out = []
+    for i, mb in enumerate(microbatches(batch, num_mb)):
+        out = ref(**mb).sample
+        ref_out.append(out.detach())
+        ((out * head.chunk(num_mb)[i]).sum() / num_mb).backward()
+    ref_out = torch.cat(ref_out)
+    params = dict(ref.named_parameters())
+    spec = LoRASpec(RANK, ALPHA)
+    ref_lora = dict(hf_mapping.hf_to_lora(arch, spec.targets, lambda k: params[peft_key(k)].detach()))
+    ref_grads = dict(hf_mapping.hf_to_lora(arch, spec.targets, lambda k: params[peft_key(k)].grad))
+    # PEFT keeps its base weights under `base_layer`
+    base_sd = {k.replace(".base_layer", ""): v for k, v in ref.state_dict().items() if "lora_" not in k}
+
+    cfg = transformer_config(arch, tp=env.tp, pp=env.pp)
+    model = build_model(arch, cfg, tokens=(latent_hw[0] * latent_hw[1] // 4, num_txt), pp_split=pp_split)
+    model.local_from_canonical(dict(hf_mapping.hf_to_ours(arch, base_sd.__getitem__)))
+    n = add_lora(model, spec, arch.attention_head_dim)
+    model.local_from_canonical(ref_lora)  # now the adapters only (DiTBase.tensors)
+    assert all(p.requires_grad == (".lora." in k) for k, p in model.named_parameters())
+
+    mbs, heads, outputs = microbatches(batch, num_mb), head.chunk(num_mb), []
+
+    def loss_func(i, out):
+        outputs.append(out.detach().clone())
+        loss = (out * heads[i]).sum()
+        return loss, {"loss": loss.detach().clone()}
+
+    def forward_step(it, m):
+        i, mb = next(it)
+        if arch.family == "sd3":
+            mb = {**mb, "num_txt": num_txt}
+        return m(**mb), partial(loss_func, i)
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(list(enumerate(mbs))), model=[model],
+        num_microbatches=num_mb, seq_length=num_txt + latent_hw[0] * latent_hw[1] // 4, micro_batch_size=1,
+        forward_only=False,
+    )
+    res = {"adapters": n, "grads": {}}
+    if env.is_last_stage:
+        res["out"] = ((torch.cat(outputs) - ref_out).norm() / ref_out.norm()).item()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = model.global_name(name)
+            want = local_slice(p, ref_grads[key], env.tp_rank, env.tp)
+            res["grads"][key] = ((p.grad - want).norm() / want.norm().clamp_min(1e-12)).item()
+        else:
+            assert p.grad is None, name
+    return res
+
+
+CASES = [("flux-dev", "tp1"), ("flux-dev", "tp2"), ("flux-dev", "pp2"), ("sd35-medium", "tp1"),
+         ("sd35-medium", "tp2"), ("sd35-large", "pp2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,layout", CASES)
+def test_lora_equals_peft_on_diffusers(variant, layout):
+    from megatron_senseflow.models import hf_mapping
+    from megatron_senseflow.models.configs import make_arch
+
+    world, tp, pp = LAYOUTS[layout]
+    latent = (6, 10) if VARIANTS[variant][0] == "tiny-sd3" else (6, 8)
+    results = run_distributed(_lora_body, world, variant, latent, 7, tp=tp, pp=pp)
+    assert any("out" in r for r in results)
+    for r in results:
+        if "out" in r:
+            assert r["out"] < 1e-5, r["out"]
+        bad = {k: v for k, v in r["grads"].items() if not v < 1e-5}
+        assert not bad, bad
+    arch = make_arch(*VARIANTS[variant])
+    seen = set().union(*(r["grads"] for r in results))
+    want = {f"{g.ours}.{x}" for g in hf_mapping.lora_groups(arch, ("qkv", "proj", "mlp")) for x in "AB"}
+    assert seen == want and len(want) > 0
+
+
+# --------------------------------------------------------------------------- the trainer with LoRA roles
+
+LORA = ["roles.generator.lora.rank=4", "roles.generator.lora.alpha=8", "roles.fake_score.lora.rank=4",
+        "roles.fake_score.lora.alpha=8"]
+
+
+def _lora_trainer_body(env, teacher, out, lam):
+    """One shared base, adapters only in the optimizers, and IDA's effective-weight move checked by hand."""
+    import torch
+    from megatron_senseflow.models.lora import adapted_linears
+
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.trainer import Trainer
+
+    cfg = load_config("tiny", [f"roles.teacher.checkpoint={teacher}", f"train.output_dir={out}", "train.max_steps=3",
+                               "logging.tensorboard=false", f"distill.ida_lambda={lam}", "distill.ttur=1", *LORA,
+                               f"parallel.tp={env.tp}"])
+    t = Trainer(cfg, env)
+    T, G, F = t.T.module, t.G.module, t.F.module
+    teacher_params = {n: p for n, p in T.named_parameters()}
+    res = {"shared": all(p is teacher_params[n] for n, p in G.named_parameters() if ".lora." not in n)
+           and all(p is teacher_params[n] for n, p in F.named_parameters() if ".lora." not in n),
+           "frozen_base": all(not p.requires_grad for n, p in G.named_parameters() if ".lora." not in n),
+           "optimized": sum(p.numel() for g in t.G.optimizer.param_groups for p in g["params"]),
+           "adapters": sum(p.numel() for n, p in G.named_parameters() if ".lora." in n)}
+    # run one iteration, capturing the adapters just before IDA and the fake score's right after
+    names = adapted_linears(F)
+    captured = {}
+    from megatron_senseflow import roles as roles_mod
+
+    blend = roles_mod.ida_blend
+
+    def spy(fake, gen, lam_):
+        captured["before"] = {n: (F.get_submodule(n).lora.A.clone(), F.get_submodule(n).lora.B.clone(),
+                                  G.get_submodule(n).lora.A.clone(), G.get_submodule(n).lora.B.clone()) for n in names}
+        out_ = blend(fake, gen, lam_)
+        captured["after"] = {n: (F.get_submodule(n).lora.A.clone(), F.get_submodule(n).lora.B.clone()) for n in names}
+        return out_
+
+    import megatron_senseflow.methods as methods_mod
+
+    methods_mod.ida_blend = spy
+    try:  # a few iterations: the first updates can be zero under LR warm-up
+        it = iter(t.data)
+        for step in range(3):
+            t.step = step
+            logs = t.train_step(next(it))
+    finally:
+        methods_mod.ida_blend = blend
+    # by hand (this rank's shards, TP-complete products): the factor blend and the error formula
+    err_sq = exact_move_sq = 0.0
+    for n in names:
+        af, bf, ag, bg = (x.double() for x in captured["before"][n])
+        af2, bf2 = (x.double() for x in captured["after"][n])
+        assert torch.allclose(af2, lam * af + (1 - lam) * ag) and torch.allclose(bf2, lam * bf + (1 - lam) * bg)
+        lora = F.get_submodule(n).lora
+        s = lora.scale
+        full = lambda a, b, lora=lora, s=s: gather_delta(env, lora, a, b) * s  # noqa: E731
+        got = full(af2, bf2)  # effective delta after the blend
+        exact = lam * full(af, bf) + (1 - lam) * full(ag, bg)  # W_f <- lam W_f + (1 - lam) W_g
+        err_sq += float((got - exact).square().sum())
+        exact_move_sq += float(((1 - lam) * (full(ag, bg) - full(af, bf))).square().sum())
+    res.update(logs={k: v for k, v in logs.items() if k.startswith("ida/")}, err=err_sq ** 0.5,
+               move=exact_move_sq ** 0.5, pp_rank=env.pp_rank)
+    return res
+
+
+def gather_delta(env, lora, a, b):
+    """The whole B A of one adapter (all TP shards gathered), each part's product in the fused layout."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def gather(t, dim):
+        if env.tp == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(env.tp)]
+        dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim)
+
+    if lora.column:
+        b = gather(b, 0)
+    else:
+        a = gather(a, 1)
+    if lora.parts == 1:
+        return b @ a
+    r = lora.rank
+    return torch.einsum("npdr,pri->npdi", b.view(-1, 3, lora.part_width, r), a.view(3, r, -1)).flatten(0, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lora_roles_share_the_teacher_and_ida_moves_as_derived(tmp_path, tp):
+    from tests.trainer_helpers import make_teacher
+
+    teacher = make_teacher(tmp_path / "teacher")
+    lam = 0.9
+    results = run_distributed(_lora_trainer_body, tp, str(teacher), str(tmp_path / "run"), lam, tp=tp)
+    for r in results:
+        assert r["shared"] and r["frozen_base"]
+        assert r["optimized"] == r["adapters"] > 0  # the optimizer holds the adapters and nothing else
+    r = results[0]
+    logged = r["logs"]
+    assert logged["ida/lora_factor_error"] == pytest.approx(r["err"], rel=1e-4)
+    assert logged["ida/lora_relative_error"] == pytest.approx(r["err"] / r["move"], rel=1e-4)
+    assert 0 < r["err"] < r["move"]
+
+
+# --------------------------------------------------------------------------- export: a diffusers LoRA and merged weights
+
+
+def _export_body(env, base_pipe, root):
+    import dataclasses
+
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import (
+        checkpoint_arch,
+        load_model,
+        save_model,
+    )
+    from megatron_senseflow.models.lora import LoRASpec, add_lora
+    from megatron_senseflow.tools.convert_checkpoint import (
+        export_checkpoint,
+        import_checkpoint,
+    )
+    from megatron_senseflow.tools.verify_conversion import random_inputs
+
+    from megatron_senseflow.sample_cli import load_model as sample_load
+
+    teacher = import_checkpoint(base_pipe, f"{root}/teacher", progress=False)  # FLUX.1-dev, guidance embedder kept
+    arch = dataclasses.replace(checkpoint_arch(teacher), guidance_embeds=False)  # the SenseFlow student
+    model = build_model(arch, transformer_config(arch))
+    load_model(model, arch, teacher, allow_guidance_drop=True)
+    add_lora(model, LoRASpec(4, 8.0), arch.attention_head_dim)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.lora_base = str(teacher)
+    save_model(model, arch, f"{root}/adapters")
+    export_checkpoint(f"{root}/adapters", f"{root}/lora", lora=True)
+    export_checkpoint(f"{root}/adapters", f"{root}/merged", merge=True, base_pipeline=base_pipe, progress=False)
+    batch = random_inputs(arch, 2, (4, 4), 8, 3, guidance=None)
+    with torch.no_grad():
+        ours = model.eval()(**batch)
+        args = argparse.Namespace(ckpt=f"{root}/adapters", role="generator", base=None, diffusers=None)
+        sampled = sample_load(args, 1, 1)[0](**batch)  # `senseflow sample`'s loader: base + adapters
+    return {"ours": ours, "sample": sampled, "batch": batch}
+
+
+@pytest.mark.slow
+def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from tests.test_convert_pipeline import _draw, build_base_pipeline
+
+    base = build_base_pipeline(tmp_path)
+    r = run_distributed(_export_body, 1, str(base), str(tmp_path))[0]
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert torch.allclose(r["sample"], r["ours"], rtol=0, atol=1e-6)
+
+    pipe = FluxPipeline.from_pretrained(base)
+    teacher = pipe.transformer
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    student = FluxTransformer2DModel(**{**config, "guidance_embeds": False})
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    pipe.transformer = student
+    plain = _draw(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():  # diffusers' transformer with the LoRA loaded = our adapted model
+        theirs = pipe.transformer(**r["batch"]).sample
+    assert ((theirs - r["ours"]).norm() / r["ours"].norm()).item() < 1e-5
+    with_lora = _draw(pipe)
+    merged = _draw(FluxPipeline.from_pretrained(tmp_path / "merged"))
+    assert np.abs(plain - with_lora).max() > 10 / 255  # the adapters do change the image
+    assert np.abs(with_lora - merged).max() <= 1 / 255  # one grey level
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_adapters_only_and_resumes_bit_identically(tmp_path):
+    from megatron_senseflow.tools.megatron_io import RoleCheckpointReader
+
+    from tests.test_resume import _args, _finish, _losses
+    from tests.trainer_helpers import cli, make_teacher, metrics
+
+    teacher = make_teacher(tmp_path / "teacher")
+    ema = ["roles.generator.ema_decay=0.9"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    _finish(cli(_args(teacher, full, 4, 2) + LORA + ema))
+    _finish(cli(_args(teacher, stopped, 2, 2) + LORA + ema))
+    log = _finish(cli(_args(teacher, stopped, 4, 2) + LORA + ema))
+    assert "resumed at step 2" in log
+    want, got = _losses(metrics(full)), _losses(metrics(stopped))
+    for step in (3, 4):
+        assert got[step] == want[step], step  # every loss term, to the last digit
+    assert "ida/lora_relative_error" in want[4]
+    step_dir = full / "checkpoints" / "step_00000004"
+    for role in ("generator", "fake_score", "ema"):
+        keys = RoleCheckpointReader(step_dir / role).tensors
+        assert keys and all(".lora." in k for k in keys), role
+        meta = json.loads((step_dir / role / "senseflow_model.json").read_text())
+        assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["qkv", "proj", "mlp"], "base": str(teacher)}
