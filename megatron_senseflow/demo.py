@@ -419,8 +419,9 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cfg: float, backbone: Path | str = "tiny") -> dict:
-    return {
+def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cfg: float, backbone: Path | str = "tiny",
+                lora: int = 0) -> dict:
+    recipe = {
         "purpose": "demo",
         "method": "senseflow",
         "model": {"preset": "tiny-flux", "arch": TEACHER, "params_dtype": "float32"},
@@ -441,6 +442,12 @@ def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cf
         "checkpoint": {"every": 100, "keep_last": 2},
         "logging": {"log_every": max(1, min(10, steps // 10)), "image_every": 100},
     }
+    if lora:  # adapters of rank `lora` (alpha = rank) over the shared teacher; adapters want a 10x larger LR
+        for role in ("generator", "fake_score"):
+            rc = recipe["roles"][role]
+            rc["lora"] = {"rank": lora, "alpha": float(lora)}
+            rc["optimizer"]["lr"] *= 10
+    return recipe
 
 
 # --------------------------------------------------------------------------- ablations in miniature
@@ -588,6 +595,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TTUR 5/10, without ISG, without the GAN term, SiD) with the in-loop evaluation on; writes "
                         "ablation.png (FD against iteration) and ablation.md / .json")
     p.add_argument("--variants", default=None, help="comma list of ablation variants (default: all)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="distil LoRA students: adapters of this rank over the shared teacher (0: full fine-tuning)")
     p.add_argument("--teacher-steps", type=int, default=TEACHER_TRAIN["steps"],
                    help="teacher training steps (fewer only for smoke tests: a weak teacher makes a weak student)")
 
@@ -609,7 +618,8 @@ def run(args: argparse.Namespace) -> int:
         return ablate(args, teacher, text, data, out, log)
     run_dir = out / "run"
     recipe = out / "demo_recipe.yaml"
-    recipe.write_text(yaml.safe_dump(demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg), sort_keys=False))
+    recipe.write_text(yaml.safe_dump(demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg,
+                                                 lora=args.lora), sort_keys=False))
     log(f"distillation: senseflow train {recipe} --nproc {args.nproc}")
     rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(recipe), "--nproc", str(args.nproc)])
     if rc != 0:

@@ -117,6 +117,18 @@ def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
     return max(stages, key=lambda st: st.params)
 
 
+def lora_stage_params(arch, lora, tp: int, pp: int, pp_split, tokens) -> int:
+    """Adapter parameters of a LoRA role on the pipeline stage that holds the most of them (one TP rank)."""
+    from megatron_senseflow.models import stage_layout
+    from megatron_senseflow.models.flops import block_lora_params
+
+    per_stage = []
+    for rank in range(pp):
+        lay = stage_layout(arch, pp, rank, pp_split, tokens)
+        per_stage.append(sum(block_lora_params(arch, i, lora.rank, lora.targets, tp) for i in range(lay.first, lay.last)))
+    return max(per_stage)
+
+
 def block_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, elem: int,
                            kinds: list[str] = ("joint",)) -> float:
     """Saved activations of one block for its backward (measured coefficients, BLOCK_ACT)."""
@@ -176,13 +188,20 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
 
     for name, rc in (("generator", cfg.roles.generator), ("fake_score", cfg.roles.fake_score)):
         share = stage_share(s_arch, p.tp, p.pp, p.pp_split, tokens)
-        n = share.params
-        r = RoleMemory(name, n, n * elem, grads=n * 4)
+        if rc.lora.enabled:  # adapters only: the base is the teacher's weights, counted once above
+            n = lora_stage_params(s_arch, rc.lora, p.tp, p.pp, p.pp_split, tokens)
+            r = RoleMemory(name, n, n * elem, grads=n * 4,
+                           notes=[f"LoRA rank {rc.lora.rank}: adapters over the teacher's weights (shared, not "
+                                  f"counted again)"])
+        else:
+            n = share.params
+            r = RoleMemory(name, n, n * elem, grads=n * 4)
         opt = n * (8 if fp32 else 12)
         if p.distributed_optimizer:
             opt /= dp
         if rc.optimizer.cpu_offload != "none":
-            r.host, r.notes = opt, [f"AdamW on the host ({rc.optimizer.cpu_offload})"]
+            r.host = opt
+            r.notes.append(f"AdamW on the host ({rc.optimizer.cpu_offload})")
         else:
             r.optimizer = opt
         r.activations = stage_activation_bytes(s_arch, s_img + s_txt, in_flight, p.tp, p.sequence_parallel, elem,

@@ -140,3 +140,29 @@ def embedder_params(arch: Arch) -> int:
 def param_count(arch: Arch) -> int:
     """Trainable parameters of the whole model (equal to diffusers' model.parameters())."""
     return embedder_params(arch) + sum(s + r for s, r in block_params(arch))
+
+
+def block_lora_linears(arch: Arch, index: int) -> list[tuple[str, str, int, int, int]]:
+    """(target, 'column' | 'row', in, out, parts) of every linear models/lora.py can adapt in block `index`
+    (global order), as models/blocks.py builds them."""
+    h = arch.hidden_size
+    qkv, proj = ("qkv", "column", h, 3 * h, 3), ("proj", "row", h, h, 1)
+    fc1, fc2 = ("mlp", "column", h, 4 * h, 1), ("mlp", "row", 4 * h, h, 1)
+    if isinstance(arch, FluxArch):
+        if index < arch.num_layers:
+            return [qkv, qkv, proj, proj, fc1, fc2, fc1, fc2]
+        return [qkv, fc1, ("proj", "row", 5 * h, h, 1)]
+    pre_only = index == arch.num_layers - 1
+    out = [qkv, qkv, proj, fc1, fc2] + ([] if pre_only else [proj, fc1, fc2])
+    if index in arch.dual_attention_layers:
+        out += [qkv, proj]
+    return out
+
+
+def block_lora_params(arch: Arch, index: int, rank: int, targets, tp: int) -> int:
+    """Adapter parameters of block `index` on one TP rank (column: A whole, B split; row: A split, B whole)."""
+    n = 0
+    for target, kind, fan_in, fan_out, parts in block_lora_linears(arch, index):
+        if target in targets:
+            n += parts * rank * fan_in + fan_out * rank // tp if kind == "column" else rank * fan_in // tp + fan_out * rank
+    return n

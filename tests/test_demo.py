@@ -82,12 +82,16 @@ def test_teacher_cache_is_reused(demo):
     assert demo_mod.config_key({"a": 1}) != demo_mod.config_key({"a": 2})
 
 
-def test_demo_nproc_2_distils_at_tp2_and_evaluates_at_tp1(demo, tmp_path):
+def test_demo_nproc_2_distils_lora_students_at_tp2_and_evaluates_at_tp1(demo, tmp_path):
     root, _ = demo
     r = _run("demo", "--out", tmp_path / "out", "--cache", root / "cache", "--teacher-steps", 30, "--steps", 2,
-             "--per-digit", 2, "--nproc", 2)
+             "--per-digit", 2, "--nproc", 2, "--lora", 4)
     assert "teacher: cached" in r.stdout
     assert "senseflow on 2 rank(s) tp=2 pp=1 dp=1" in r.stdout
+    assert "LoRA adapters over the teacher's weights" in r.stdout
+    meta = json.loads((tmp_path / "out" / "run" / "checkpoints" / "step_00000002" / "generator" /
+                       "senseflow_model.json").read_text())
+    assert meta["lora"]["rank"] == 4  # the evaluation below loaded these adapters over the cached teacher
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(math.isfinite(results[k]["fd"]) for k in ("student_4_stochastic", "student_4_euler"))
 

@@ -337,3 +337,22 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_bit_identically(tmp_path
         assert keys and all(".lora." in k for k in keys), role
         meta = json.loads((step_dir / role / "senseflow_model.json").read_text())
         assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["qkv", "proj", "mlp"], "base": str(teacher)}
+
+
+def _count_body(env, variant):
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.configs import make_arch
+    from megatron_senseflow.models.flops import block_lora_params
+    from megatron_senseflow.models.lora import LoRASpec, add_lora
+
+    arch = make_arch(*VARIANTS[variant])
+    model = build_model(arch, transformer_config(arch, tp=env.tp))
+    add_lora(model, LoRASpec(3, 3.0, ("qkv", "mlp")), arch.attention_head_dim)
+    built = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return built, sum(block_lora_params(arch, i, 3, ("qkv", "mlp"), env.tp) for i in range(arch.num_blocks))
+
+
+@pytest.mark.parametrize("variant", ["flux-dev", "sd35-medium", "sd3-medium"])
+def test_memory_plan_counts_the_adapters_a_model_builds(variant):
+    for built, planned in run_distributed(_count_body, 2, variant, tp=2):
+        assert built == planned > 0

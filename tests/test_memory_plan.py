@@ -34,8 +34,11 @@ def _measure(env, overrides):
     cfg = load_config("tiny", overrides)
     tr = Trainer(cfg, env)
     out = {}
+    teacher = {id(p) for p in tr.T.module.parameters()}
     for role in (tr.T, tr.G, tr.F):
-        weights = sum(p.numel() * p.element_size() for p in role.module.parameters())
+        # a LoRA role's base is the teacher's tensors: counted once, under the teacher
+        own = [p for p in role.module.parameters() if role is tr.T or id(p) not in teacher]
+        weights = sum(p.numel() * p.element_size() for p in own)
         grads = optim = 0
         if role.ddp is not None:
             prime_optimizer_state(role.optimizer)
@@ -50,12 +53,14 @@ def _measure(env, overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, tp", [("float32", 1), ("bfloat16", 1), ("bfloat16", 2)])
-def test_static_memory_matches_a_real_trainer(dtype, tp):
+@pytest.mark.parametrize("dtype, tp, lora", [("float32", 1, 0), ("bfloat16", 1, 0), ("bfloat16", 2, 0), ("bfloat16", 1, 4),
+                                             ("bfloat16", 2, 4)])
+def test_static_memory_matches_a_real_trainer(dtype, tp, lora):
     prec = "fp32" if dtype == "float32" else "bf16"
     overrides = [f"model.params_dtype={dtype}", f"roles.generator.precision={prec}", f"roles.fake_score.precision={prec}",
                  f"roles.teacher.precision={prec}", "roles.discriminator.enabled=false", f"parallel.tp={tp}",
-                 "train.output_dir=/tmp/unused-memory-plan"]
+                 "train.output_dir=/tmp/unused-memory-plan", f"roles.generator.lora.rank={lora}",
+                 f"roles.fake_score.lora.rank={lora}"]
     measured = run_distributed(_measure, 2, overrides, tp=tp)
     cfg = load_config("tiny", overrides)
     pl = {r.name: r for r in plan(cfg, 1, 2, 80).roles}
