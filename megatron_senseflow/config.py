@@ -506,6 +506,7 @@ class Config:
             arch = self.model.teacher_arch()
         except ArchError as e:
             raise ConfigError(str(e)) from None
+        self._check_lora()
         if self.eval.every and not self.eval.features:
             raise ConfigError("eval.every is set but eval.features is not: give a TorchScript feature network "
                               "(for example clean-fid's inception-2015-12-05.pt) as eval.features=PATH.")
@@ -562,7 +563,6 @@ class Config:
             law = getattr(d, name)
             if law.kind == "uniform_index" and law.index_min > law.index_max:
                 raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
-        self._check_lora()
         dc = self.roles.discriminator
         width = arch.pooled_projection_dim
         if dc.enabled and dc.text_condition == "clip_l" and (width < 768 if arch.family == "sd3" else width != 768):

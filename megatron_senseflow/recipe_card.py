@@ -94,6 +94,11 @@ def recipe_card(cfg, world: int | None = None) -> dict:
         card["discriminator"] = {"maps": len(dc.feature_layers) + int(dc.patch_features),
                                  "image_size": dc.image_size or cfg.data.resolution,
                                  "text_condition": dc.text_condition}
+    for name in ("generator", "fake_score"):
+        lc = getattr(cfg.roles, name).lora
+        if lc.enabled:  # not the paper's recipe: the authors fine-tune every weight
+            card.setdefault("lora", {})[name] = {"rank": lc.rank, "alpha": lc.alpha or lc.rank,
+                                                 "targets": list(lc.targets)}
     if cfg.method == "sid":
         card["sid"] = {"alpha": d.sid_alpha, "weighting": d.sid_weighting, "loss_scale": d.sid_loss_scale}
     roles = {"generator": cfg.roles.generator.optimizer, "fake_score": cfg.roles.fake_score.optimizer}
@@ -146,6 +151,9 @@ def render(card: dict) -> str:
         row("IDA lambda", card["ida_lambda"])
     if "sid" in card:
         row("SiD", card["sid"])
+    for name, lc in card.get("lora", {}).items():
+        row(f"{name} LoRA", f"rank {lc['rank']}, alpha {lc['alpha']:g}, {'/'.join(lc['targets'])} over the teacher's "
+                            "frozen weights (the paper fine-tunes all weights)")
     row("loss weights", card["loss_weights"])
     for k, o in card["optimizers"].items():
         row(f"{k} optimizer", f"lr {o['lr']:g}, betas {tuple(o['betas'])}, warm-up {o['warmup_iterations']} iterations, "

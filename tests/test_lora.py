@@ -356,3 +356,26 @@ def _count_body(env, variant):
 def test_memory_plan_counts_the_adapters_a_model_builds(variant):
     for built, planned in run_distributed(_count_body, 2, variant, tp=2):
         assert built == planned > 0
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["roles.generator.lora.rank=4", "roles.fake_score.lora.rank=8"], "same rank, alpha and targets"),
+    (["roles.generator.lora.rank=4", "roles.generator.lora.dropout=0.1"], "dropout is not supported"),
+    (["roles.generator.lora.rank=4", "roles.fake_score.lora.rank=4", "parallel.sequence_parallel=true",
+      "parallel.tp=2"], "sequence_parallel"),
+    (["roles.generator.lora.rank=4", "roles.fake_score.lora.rank=4", "roles.teacher.precision=fp8",
+      "roles.teacher.fp8_weights=true", "model.spec=te", "model.params_dtype=bfloat16"], "fp8_weights=false"),
+    (["roles.generator.lora.rank=4", "roles.fake_score.lora.rank=4", "roles.generator.lora.targets=[]"], "targets is empty"),
+])
+def test_lora_settings_that_cannot_run_are_refused_in_one_sentence(overrides, says):
+    from megatron_senseflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=says):
+        load_config("tiny", overrides).validate(world_size=2)
+
+
+def test_ida_off_allows_different_adapters_per_role():
+    from megatron_senseflow.config import load_config
+
+    load_config("tiny", ["roles.generator.lora.rank=4", "roles.fake_score.lora.rank=8",
+                         "distill.ida_lambda=1"]).validate(world_size=1)
