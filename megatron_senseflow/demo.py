@@ -218,68 +218,6 @@ def ensure_teacher(cache: Path, log, steps: int | None = None) -> tuple[Path, Di
     return root, text
 
 
-# --------------------------------------------------------------------------- the discriminator's backbone
-
-# A small DINOv2 (transformers' Dinov2Model, the class a real run loads ViT-L/14 into) pretrained on the digits by
-# masked-patch reconstruction: self-supervised, like DINOv2's own iBOT term, so the discriminator's frozen features
-# see strokes without being trained on the evaluation classifier's objective (labels) or features.
-BACKBONE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "mlp_ratio": 2, "patch_size": 4,
-            "image_size": RES}
-BACKBONE_TRAIN = {"steps": 800, "batch": 128, "lr": 2e-3, "mask_ratio": 0.5, "seed": 0}
-
-
-def train_backbone(directory: Path, log) -> None:
-    """Masked-patch reconstruction: masked tokens (DINOv2's mask token) predict their 4 x 4 pixels."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    from .discriminator import IMAGENET_MEAN, IMAGENET_STD
-
-    bt = BACKBONE_TRAIN
-    torch.manual_seed(bt["seed"])
-    g = torch.Generator().manual_seed(bt["seed"])
-    model = Dinov2Model(Dinov2Config(**BACKBONE))
-    p = BACKBONE["patch_size"]
-    head = nn.Linear(BACKBONE["hidden_size"], p * p)
-    images, _ = digit_images()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=bt["lr"], weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / bt["steps"])))
-    n = (RES // p) ** 2
-    for step in range(bt["steps"]):
-        x = images[torch.randint(0, len(images), (bt["batch"],), generator=g)]
-        shift = torch.randint(-1, 2, (2,), generator=g)
-        x = torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
-        target = F.unfold(x, p, stride=p).transpose(1, 2)  # [B, n, p*p], the discriminator's [-1, 1] pixels
-        mask = torch.rand(bt["batch"], n, generator=g) < bt["mask_ratio"]
-        pix = ((x.expand(-1, 3, -1, -1) + 1) / 2 - mean) / std  # what VFMDiscriminator.features feeds it
-        hidden = model(pixel_values=pix, bool_masked_pos=mask).last_hidden_state[:, 1:]
-        loss = F.mse_loss(head(hidden)[mask], target[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == bt["steps"] - 1:
-            log(f"backbone step {step + 1}/{bt['steps']}: masked-patch loss {loss.item():.4f}")
-    model.save_pretrained(directory, safe_serialization=True)
-
-
-def ensure_backbone(cache: Path, log) -> Path:
-    """The pretrained digit DINOv2, cached keyed by its config (seconds to train)."""
-    root = cache / f"backbone-{config_key({'arch': BACKBONE, 'train': BACKBONE_TRAIN, 'res': RES, 'v': 1})}"
-    if (root / "config.json").is_file():
-        log(f"discriminator backbone: cached at {root}")
-        return root
-    log(f"discriminator backbone: pretraining {root} (masked-patch reconstruction; once)")
-    tmp = root.with_name(root.name + ".tmp")
-    t0 = time.time()
-    train_backbone(tmp, log)
-    tmp.rename(root)
-    log(f"discriminator backbone: {time.time() - t0:.0f}s")
-    return root
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -419,8 +357,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cfg: float, backbone: Path | str = "tiny",
-                lora: int = 0) -> dict:
+def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cfg: float, lora: int = 0) -> dict:
     recipe = {
         "purpose": "demo",
         "method": "senseflow",
@@ -432,8 +369,7 @@ def demo_recipe(teacher: Path, data: Path, out: Path, steps: int, nproc: int, cf
             "teacher": {"checkpoint": str(teacher), "precision": "fp32"},
             "generator": {"precision": "fp32", "optimizer": {"lr": 5e-5, "warmup_steps": 20}},
             "fake_score": {"precision": "fp32", "optimizer": {"lr": 3e-4}},
-            "discriminator": {"precision": "fp32", "dinov2": str(backbone), "feature_layers": [1, 3],
-                              "text_condition": "pooled",
+            "discriminator": {"precision": "fp32", "feature_layers": [1, 3], "text_condition": "pooled",
                               "optimizer": {"lr": 2e-4}},
         },
         "distill": {"num_steps": 4, "ttur": 2, "guidance_mode": "cfg", "dmd_guidance": [cfg, cfg],
