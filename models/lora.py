@@ -142,10 +142,6 @@ def add_lora(model: torch.nn.Module, spec: LoRASpec, head_dim: int, seed: int = 
     return len(linears)
 
 
-def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if ".lora." in n]
-
-
 def _parts(lora: LoRA, a: torch.Tensor, b: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(B_p, A_p) per part: the fused QKV's q, k, v adapters, else the one pair."""
     r = b.shape[-1]  # lora.rank, or more for stacked factors

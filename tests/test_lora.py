@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
-from tests.test_model_parity import LAYOUTS, VARIANTS, inputs, microbatches, reference
+from tests.test_model_parity import LAYOUTS, VARIANTS, inputs, microbatches, reference, reference_backward
 
 RANK, ALPHA = 4, 8.0
 
@@ -52,15 +52,8 @@ def _lora_body(env, variant, latent_hw, num_txt, pp_split=None):
     from megatron_senseflow.models.lora import LoRASpec, add_lora
 
     arch, ref, modules = peft_reference(variant)
-    batch = inputs(arch, 2, latent_hw, num_txt)
-    num_mb = 2
-    head = torch.randn(ref(**batch).sample.shape, generator=torch.Generator().manual_seed(9))
-    ref_out = []
-    for i, mb in enumerate(microbatches(batch, num_mb)):
-        out = ref(**mb).sample
-        ref_out.append(out.detach())
-        ((out * head.chunk(num_mb)[i]).sum() / num_mb).backward()
-    ref_out = torch.cat(ref_out)
+    batch, num_mb = inputs(arch, 2, latent_hw, num_txt), 2
+    head, ref_out = reference_backward(ref, batch, num_mb)
     params = dict(ref.named_parameters())
     spec = LoRASpec(RANK, ALPHA)
     ref_lora = dict(hf_mapping.hf_to_lora(arch, spec.targets, lambda k: params[peft_key(k)].detach()))

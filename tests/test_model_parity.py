@@ -67,6 +67,18 @@ def microbatches(batch: dict, n: int) -> list[dict]:
     return out
 
 
+def reference_backward(ref, batch: dict, num_mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusers model's outputs and grads under the schedule's loss (<out, head> averaged over
+    microbatches); returns (head, outputs)."""
+    head = torch.randn(ref(**batch).sample.shape, generator=torch.Generator().manual_seed(9))
+    ref_out = []
+    for i, mb in enumerate(microbatches(batch, num_mb)):
+        out = ref(**mb).sample
+        ref_out.append(out.detach())
+        ((out * head.chunk(num_mb)[i]).sum() / num_mb).backward()
+    return head, torch.cat(ref_out)
+
+
 def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_split=None, recompute="none"):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -74,17 +86,8 @@ def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_s
     from megatron_senseflow.models.base import local_slice
 
     arch, ref = reference(variant)
-    batch = inputs(arch, 2, latent_hw, num_txt)
-    num_mb = 2
-    head = torch.randn(ref(**batch).sample.shape, generator=torch.Generator().manual_seed(9))
-
-    # reference: same loss as the schedule (mean over microbatches)
-    ref_out = []
-    for i, mb in enumerate(microbatches(batch, num_mb)):
-        out = ref(**mb).sample
-        ref_out.append(out.detach())
-        ((out * head.chunk(num_mb)[i]).sum() / num_mb).backward()
-    ref_out = torch.cat(ref_out)
+    batch, num_mb = inputs(arch, 2, latent_hw, num_txt), 2
+    head, ref_out = reference_backward(ref, batch, num_mb)
     ref_params = dict(ref.named_parameters())
     ref_grads = dict(hf_mapping.hf_to_ours(arch, lambda k: ref_params[k].grad if k in ref_params else torch.zeros(1)))
 
