@@ -51,20 +51,25 @@ def test_demo_trains_teacher_distils_and_scores_every_sampler(demo):
     out = root / "out"
     assert "teacher: training" in stdout and "teacher step 30/30" in stdout
     results = json.loads((out / "results.json").read_text())
-    for name in ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"):
+    from megatron_senseflow.demo import SAMPLERS
+
+    # the demo keeps an EMA of the generator (decay 0.99): it is scored beside the raw generator
+    assert set(SAMPLERS) <= set(results) and "ema_4_euler" in SAMPLERS
+    for name in SAMPLERS:
         fd, acc = results[name]["fd"], results[name]["accuracy"]
         assert math.isfinite(fd) and fd >= 0, (name, fd)
         assert 0.0 <= acc <= 1.0 and acc * 50 == pytest.approx(round(acc * 50)), (name, acc)  # 50 samples
     assert results["real"]["classifier_held_out_accuracy"] > 0.9  # the classifier itself must work
     # the table the user reads, one line per sampler
-    for name in ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"):
+    for name in SAMPLERS:
         assert any(line.startswith(name) for line in stdout.splitlines()), name
-    # grid: 4 rows (samplers) x 10 digits of 16 px + 1 px border each side, 3x upscaled
+    # grid: 6 rows (samplers) x 10 digits of 16 px + 1 px border each side, 3x upscaled
     grid = _png(out / "grid.png")
-    assert grid.shape[:2] == (4 * 18 * 3, 10 * 18 * 3)
+    assert grid.shape[:2] == (6 * 18 * 3, 10 * 18 * 3)
     # the distillation went through the product's trainer: checkpoint, TensorBoard, metrics
     run = out / "run"
     assert (run / "checkpoints" / "step_00000004" / "generator").is_dir()
+    assert (run / "checkpoints" / "step_00000004" / "ema").is_dir()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4
