@@ -303,6 +303,54 @@ def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights
     assert np.abs(with_lora - merged).max() <= 1 / 255  # one grey level
 
 
+def _export_sd3_body(env, transformer_dir, root):
+    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch, load_model, save_model
+    from megatron_senseflow.models.lora import LoRASpec, add_lora
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
+    from megatron_senseflow.tools.verify_conversion import random_inputs
+
+    teacher = import_checkpoint(transformer_dir, f"{root}/teacher", progress=False)
+    arch = checkpoint_arch(teacher)
+    model = build_model(arch, transformer_config(arch))
+    load_model(model, arch, teacher)
+    add_lora(model, LoRASpec(4, 8.0), arch.attention_head_dim)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.lora_base = str(teacher)
+    save_model(model, arch, f"{root}/adapters")
+    export_checkpoint(f"{root}/adapters", f"{root}/lora", lora=True)
+    batch = random_inputs(arch, 2, (4, 4), 8, 3, guidance=None)
+    with torch.no_grad():
+        return {"ours": model.eval()(**batch), "batch": batch}
+
+
+@pytest.mark.slow
+def test_exported_sd3_lora_loads_with_the_sd3_pipeline_loader(tmp_path):
+    """SD3.5 Medium (dual attention, qk norm): the exported file through `StableDiffusion3Pipeline.load_lora_weights`
+    (the transformer-only pipeline: no text encoder keys are in the file) gives our adapted model's output."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from tests.test_model_parity import reference
+
+    _, ref = reference("sd35-medium")
+    ref.save_pretrained(tmp_path / "base" / "transformer")
+    r = run_distributed(_export_sd3_body, 1, str(tmp_path / "base" / "transformer"), str(tmp_path))[0]
+    none = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3"])
+    pipe = StableDiffusion3Pipeline(transformer=ref, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    with torch.no_grad():
+        plain = pipe.transformer(**r["batch"]).sample
+    pipe.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():
+        theirs = pipe.transformer(**r["batch"]).sample
+    assert ((plain - r["ours"]).norm() / r["ours"].norm()).item() > 1e-2  # the adapters do change the output
+    assert ((theirs - r["ours"]).norm() / r["ours"].norm()).item() < 1e-5
+
+
 # --------------------------------------------------------------------------- checkpoints and resume
 
 
