@@ -410,6 +410,12 @@ class EvalConfig:
     features: str | None = None
     """TorchScript feature network for the Frechet distance: uint8 images [N, 3, H, W] in, features [N, D] out
     (clean-fid's inception-2015-12-05.pt, or the demo's digit network)."""
+    clip: str | None = None
+    """Local transformers CLIP directory (e.g. openai/clip-vit-large-patch14): adds the CLIP score of each sample
+    against its own caption (eval/clip_*). The model sits on the trainer's device while training (ViT-L: 1.7 GB)."""
+    pickscore: str | None = None
+    """Local PickScore_v1 directory (transformers CLIP format with its processor files): adds PickScore
+    (eval/pickscore_*), computed as `senseflow eval` does."""
 
 
 @dataclass(kw_only=True)
@@ -512,6 +518,11 @@ class Config:
                               "(for example clean-fid's inception-2015-12-05.pt) as eval.features=PATH.")
         if self.eval.every and self.eval.num_samples < 2:
             raise ConfigError("eval.num_samples must be at least 2 for a Frechet distance.")
+        for key in ("clip", "pickscore"):
+            where = getattr(self.eval, key)
+            if self.eval.every and where is not None and not Path(where).is_dir():
+                raise ConfigError(f"eval.{key}={where} is not a directory; give a local transformers CLIP directory "
+                                  "(no model hub is contacted).")
         p = self.parallel
         try:
             arch.check_layout(p.tp, p.pp, p.cp, world_size)

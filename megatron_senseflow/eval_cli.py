@@ -101,7 +101,8 @@ def fid(feature: nn.Module, generated: list[Path], reference: list[Path], batch:
     return float(metric.compute())
 
 
-def _clip(clip_dir: str):
+def load_clip(clip_dir: str):
+    """(model, processor) of a local transformers CLIP directory (CLIP, or PickScore_v1 in that format)."""
     from transformers import CLIPModel, CLIPProcessor
 
     return (CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
@@ -128,7 +129,7 @@ def select_captions(clip_dir: str, images: list[Path], annotations: str) -> list
     missing = [p.name for p in images if p.stem not in caps]
     if missing:
         raise ValueError(f"{len(missing)} images have no caption in {annotations}, e.g. {missing[:3]}.")
-    model, proc = _clip(clip_dir)
+    model, proc = load_clip(clip_dir)
     chosen = []
     for p in images:
         options = caps[p.stem]
@@ -140,17 +141,30 @@ def select_captions(clip_dir: str, images: list[Path], annotations: str) -> list
     return chosen
 
 
-def _cosines(model, proc, images: list[Path], prompts: list[str], batch: int) -> torch.Tensor:
-    """cos(image embedding, its prompt's embedding) per image, through a transformers CLIP."""
+def clip_cosines(model, proc, images: list, prompts: list[str], batch: int, load=load_uint8) -> torch.Tensor:
+    """cos(image embedding, its prompt's embedding) per image, through a transformers CLIP on its own device.
+    `images` are files (read by `load`, a batch at a time) or, with `load=None`, uint8 [3, H, W] tensors."""
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch):
-        imgs = [load_uint8(p) for p in images[i : i + batch]]
+        imgs = [load(p) if load is not None else p for p in images[i : i + batch]]
         inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             img = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
             txt = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
-        out.append(F.cosine_similarity(img, txt))
+        out.append(F.cosine_similarity(img, txt).cpu())
     return torch.cat(out)
+
+
+def clip_score_of(cosines: torch.Tensor) -> float:
+    """CLIPScore: mean of 100 * max(cos(image, prompt), 0)."""
+    return float((100 * cosines.clamp(min=0)).mean())
+
+
+def pick_score_of(model, cosines: torch.Tensor) -> float:
+    """PickScore: the model's learned logit scale times the mean cosine (no clamping)."""
+    return float(model.logit_scale.exp().item() * cosines.mean())
 
 
 def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
@@ -159,8 +173,8 @@ def clip_score(clip_dir: str, images: list[Path], prompts: list[str], batch: int
     Computed here rather than through torchmetrics' CLIPScore, which breaks on
     transformers 5 (its get_*_features return model outputs, not tensors).
     """
-    model, proc = _clip(clip_dir)
-    return float((100 * _cosines(model, proc, images, prompts, batch).clamp(min=0)).mean())
+    model, proc = load_clip(clip_dir)
+    return clip_score_of(clip_cosines(model, proc, images, prompts, batch))
 
 
 def pick_score(pick_dir: str, images: list[Path], prompts: list[str], batch: int = 16) -> float:
@@ -168,8 +182,8 @@ def pick_score(pick_dir: str, images: list[Path], prompts: list[str], batch: int
     reference code computes it (its learned scale, about 100; no clamping). `pick_dir` is a local
     transformers CLIP directory: the weights of yuvalkirstain/PickScore_v1 with the processor files of
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K copied beside them."""
-    model, proc = _clip(pick_dir)
-    return float(model.logit_scale.exp().item() * _cosines(model, proc, images, prompts, batch).mean())
+    model, proc = load_clip(pick_dir)
+    return pick_score_of(model, clip_cosines(model, proc, images, prompts, batch))
 
 
 def prompts_for(images: list[Path], prompts_file: str) -> list[str]:

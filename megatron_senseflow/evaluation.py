@@ -1,11 +1,14 @@
-"""In-loop evaluation: Frechet distance of the generator's 4-step samples against the real data.
+"""In-loop evaluation: Frechet distance of the generator's 4-step samples against the real data, and
+their CLIP score and PickScore against their own captions when those models are given.
 
 Every `eval.every` iterations the generator (and its EMA, when there is one)
 samples the conditioning of a fixed evaluation set, 4-step stochastic and
 Euler, with fixed noise; the samples are decoded, passed through a TorchScript
 feature network (`eval.features`: clean-fid's Inception for real runs) and
 compared with the features of the same samples' real latents, decoded
-(computed once and cached in OUT/eval/).
+(computed once and cached in OUT/eval/). With `eval.clip` / `eval.pickscore` each
+sample is also scored against its caption by that CLIP on the rank that drew it
+(the formulas of `senseflow eval`).
 
 What keeps it honest:
 - The evaluation set is samples 0..N-1 of the data stream read by a separate
@@ -66,7 +69,8 @@ class InLoopEval:
         try:
             for batch in source:
                 b = batch["latent"].shape[0]
-                rows += [{k: batch[k][i] for k in ("latent", "text", "pooled")} for i in range(b)]
+                rows += [{**{k: batch[k][i] for k in ("latent", "text", "pooled")},
+                          "prompt": batch["prompt"][i] if "prompt" in batch else None} for i in range(b)]
                 if len(rows) >= self.n:
                     break
         finally:
@@ -76,6 +80,18 @@ class InLoopEval:
 
             raise ConfigError(f"eval.num_samples={self.n} but the data holds only {len(rows)} samples.")
         self.rows = rows[: self.n]
+        self.scorers = {}  # metric -> (model, processor): CLIP score and PickScore against each sample's caption
+        for metric, where in (("clip", c.clip), ("pickscore", c.pickscore)):
+            if where is None:
+                continue
+            if any(row["prompt"] is None for row in self.rows):
+                from .config import ConfigError
+
+                raise ConfigError(f"eval.{metric} scores samples against their captions, but the data has none.")
+            from .eval_cli import load_clip
+
+            model, proc = load_clip(where)
+            self.scorers[metric] = (model.to(t.dev), proc)
         dp, r = t.env.dp, t.env.dp_rank
         self.mine = list(range(r, self.n, dp))
         self.per_rank = -(-self.n // dp)  # every replica runs as many samples (collectives inside TP/PP groups)
@@ -118,19 +134,38 @@ class InLoopEval:
             guide = t.objective.student_guidance(text)
             x0 = sample_student(lambda x, s: t.G.forward(x, s, text, pooled, guide), noise, t.taus, mode, g)
             if j < len(self.mine):
-                out[i] = self._features(t.codec.decode(x0.float()))[0]
+                out[i] = self._measure(t.codec.decode(x0.float()), row["prompt"])
         return out
 
-    def _fd(self, mine: dict[int, np.ndarray]) -> float | None:
+    def _measure(self, image: torch.Tensor, prompt: str | None) -> dict:
+        """One decoded sample [1, C, H, W] in [-1, 1] -> its features and, per scorer, cos(image, caption)."""
+        from .eval_cli import clip_cosines
+
+        out = {"features": self._features(image)[0]}
+        for metric, (model, proc) in self.scorers.items():
+            out[metric] = float(clip_cosines(model, proc, [to_uint8(image)[0].cpu()], [prompt], 1, load=None)[0])
+        return out
+
+    def _metrics(self, mine: dict[int, dict], suffix: str) -> dict[str, float]:
+        """Collective: gather every replica's samples in sample order; the metrics on rank 0."""
+        from .eval_cli import clip_score_of, pick_score_of
+
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         if not self.trainer.env.is_main:
-            return None
+            return {}
         merged = {}
         for part in gathered:
             merged.update(part)
-        feats = np.stack([merged[i] for i in range(self.n)])
-        return frechet_distance(feats, self.reference)
+        rows = [merged[i] for i in range(self.n)]
+        logs = {f"fd_{suffix}": frechet_distance(np.stack([r["features"] for r in rows]), self.reference)}
+        if "clip" in self.scorers:
+            logs[f"clip_{suffix}"] = clip_score_of(torch.tensor([r["clip"] for r in rows], dtype=torch.float64))
+        if "pickscore" in self.scorers:
+            model = self.scorers["pickscore"][0]
+            logs[f"pickscore_{suffix}"] = pick_score_of(model, torch.tensor([r["pickscore"] for r in rows],
+                                                                            dtype=torch.float64))
+        return logs
 
     def run(self) -> dict[str, float]:
         """Collective. The metrics on rank 0 (empty elsewhere)."""
@@ -146,9 +181,8 @@ class InLoopEval:
                         p.copy_(s.to(p.dtype))
             try:
                 for mode in ("stochastic", "euler"):
-                    fd = self._fd(self._sample_all(mode))
-                    if fd is not None:
-                        logs[f"eval/{prefix}fd_{mode}"] = fd
+                    for k, v in self._metrics(self._sample_all(mode), mode).items():
+                        logs[f"eval/{prefix}{k}"] = v
             finally:
                 if saved is not None:
                     with torch.no_grad():

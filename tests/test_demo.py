@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_senseflow import cli
+from tests.tiny_clip import tiny_clip
 
 pytestmark = pytest.mark.slow
 
@@ -250,31 +251,6 @@ def test_eval_fid_and_patch_fid(tmp_path):
     assert other_digits["patch_fid"] < noise_vs_real["patch_fid"]
 
 
-def _tiny_clip(directory: Path) -> None:
-    """A random CLIP with a character-level BPE vocabulary, saved like a real one."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {tok: i for i, tok in enumerate(letters + [l + "</w>" for l in letters] + ["<|startoftext|>", "<|endoftext|>"])}
-    directory.mkdir()
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=32)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                         tokenizer=tok)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(directory)
-    proc.save_pretrained(directory)
-
-
 def _eval_three_images(tmp_path, seed: int, flag: str, model_dir: Path, metric: str) -> tuple[float, list[str]]:
     """Three random images with one prompt each, scored by `senseflow eval --metrics METRIC`."""
     rng = np.random.default_rng(seed)
@@ -291,7 +267,7 @@ def test_eval_clip_score_pairs_each_image_with_its_prompt(tmp_path):
     """CLIPScore through our loader equals 100 * max(cos, 0) computed by hand with the same model."""
     from transformers import CLIPModel, CLIPProcessor
 
-    _tiny_clip(tmp_path / "clip")
+    tiny_clip(tmp_path / "clip")
     got, lines = _eval_three_images(tmp_path, 1, "--clip", tmp_path / "clip", "clip")
 
     from megatron_senseflow.eval_cli import list_images, load_uint8
@@ -313,7 +289,7 @@ def test_eval_pickscore_is_the_learned_scale_times_the_cosine(tmp_path):
     """PickScore_v1's reference computation, by hand: normalised embeddings, logit_scale.exp() * dot, no clamp."""
     from transformers import CLIPModel, CLIPProcessor
 
-    _tiny_clip(tmp_path / "clip")
+    tiny_clip(tmp_path / "clip")
     model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
     with torch.no_grad():
         model.logit_scale.fill_(math.log(87.0))  # a learned scale, not CLIP's initial 1/0.07
@@ -340,7 +316,7 @@ def test_coco_protocol_picks_the_highest_clip_caption_per_image(tmp_path):
 
     from megatron_senseflow.eval_cli import list_images, load_uint8
 
-    _tiny_clip(tmp_path / "clip")
+    tiny_clip(tmp_path / "clip")
     rng = np.random.default_rng(2)
     _write_pngs(tmp_path / "coco", rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8))
     files = sorted(p.name for p in (tmp_path / "coco").glob("*.png"))

@@ -1,13 +1,13 @@
-"""In-loop evaluation (eval.every): the same numbers at DP1 and DP2, and losses untouched by it."""
+"""In-loop evaluation (eval.every): the same numbers at DP1 and DP2, CLIP score and PickScore by hand, and losses
+untouched by it."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
+from tests.tiny_clip import tiny_clip
 from tests.trainer_helpers import make_teacher, metrics, train_inprocess
 
 VOLATILE = ("perf/", "mem/")
@@ -34,6 +34,23 @@ def setup(tmp_path_factory):
     return make_teacher(root / "teacher"), feats
 
 
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    """A tiny CLIP, and the same CLIP with a learned-looking logit scale as the PickScore model."""
+    import math
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    root = tmp_path_factory.mktemp("scorers")
+    tiny_clip(root / "clip")
+    model = CLIPModel.from_pretrained(root / "clip")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(87.0))
+    model.save_pretrained(root / "pick")
+    CLIPProcessor.from_pretrained(root / "clip").save_pretrained(root / "pick")
+    return root / "clip", root / "pick"
+
+
 def _eval_at_start(env, overrides):
     from megatron_senseflow.config import load_config
     from megatron_senseflow.trainer import Trainer
@@ -42,18 +59,66 @@ def _eval_at_start(env, overrides):
     return tr.evaluator.run()
 
 
-def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, tmp_path):
+def _eval_recording(env, overrides):
+    """The evaluation's metrics, and every (decoded sample, caption) it scored, in the order it scored them."""
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.trainer import Trainer
+
+    tr = Trainer(load_config("tiny", overrides), env)
+    seen, measure = [], tr.evaluator._measure
+
+    def recording(image, prompt):
+        seen.append((image.clone(), prompt))
+        return measure(image, prompt)
+
+    tr.evaluator._measure = recording
+    return tr.evaluator.run(), seen
+
+
+def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, scorers, tmp_path):
     teacher, feats = setup
+    clip, pick = scorers
     base = [f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=5", f"eval.features={feats}",
-            "roles.generator.ema_decay=0.9"]
+            "roles.generator.ema_decay=0.9", f"eval.clip={clip}", f"eval.pickscore={pick}"]
     one = run_distributed(_eval_at_start, 1, base + [f"train.output_dir={tmp_path / 'dp1'}"])[0]
     two = run_distributed(_eval_at_start, 2, base + [f"train.output_dir={tmp_path / 'dp2'}"])[0]
-    assert set(one) == {"eval/fd_stochastic", "eval/fd_euler", "eval/ema_fd_stochastic", "eval/ema_fd_euler"}
-    assert all(np.isfinite(v) and v > 0 for v in one.values())
+    assert set(one) == {f"eval/{ema}{metric}_{mode}" for ema in ("", "ema_") for metric in ("fd", "clip", "pickscore")
+                        for mode in ("stochastic", "euler")}
+    assert all(np.isfinite(v) for v in one.values())
     for k in one:  # 5 samples over 2 replicas (3 + 2, one padded): gathered in sample order
         assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
     # the reference features were computed once and cached
     assert len(list((tmp_path / "dp1" / "eval").glob("reference-*.npy"))) == 1
+
+
+def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_their_captions(setup, scorers, tmp_path):
+    """By hand, with the models themselves: CLIPScore = mean 100 max(cos, 0); PickScore = logit_scale.exp() x mean
+    cos (87 here), each sample against its own caption, over the 4 samples of one sampler."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    teacher, feats = setup
+    clip, pick = scorers
+    logs, seen = run_distributed(_eval_recording, 1, [
+        f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=4", f"eval.features={feats}",
+        f"eval.clip={clip}", f"eval.pickscore={pick}", f"train.output_dir={tmp_path}"])[0]
+    assert [p for _, p in seen] == [f"synthetic sample {i}" for i in range(4)] * 2  # stochastic, then Euler
+
+    def cosines(directory, samples):
+        model, proc = CLIPModel.from_pretrained(directory).eval(), CLIPProcessor.from_pretrained(directory)
+        out = []
+        for image, prompt in samples:
+            pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
+            with torch.no_grad():
+                i = model.get_image_features(**proc(images=[pixels], return_tensors="pt"))
+                t = model.get_text_features(**proc(text=[prompt], padding=True, return_tensors="pt"))
+            i, t = getattr(i, "pooler_output", i), getattr(t, "pooler_output", t)
+            out.append(float((i / i.norm()) @ (t / t.norm()).T))
+        return np.array(out)
+
+    for k, mode in enumerate(("stochastic", "euler")):
+        samples = seen[4 * k: 4 * k + 4]
+        assert logs[f"eval/clip_{mode}"] == pytest.approx(np.mean(100 * np.maximum(cosines(clip, samples), 0)), rel=1e-5)
+        assert logs[f"eval/pickscore_{mode}"] == pytest.approx(87.0 * np.mean(cosines(pick, samples)), rel=1e-5)
 
 
 def test_enabling_it_leaves_the_losses_bit_identical(setup, tmp_path):
@@ -77,3 +142,5 @@ def test_eval_without_features_is_one_sentence():
 
     with pytest.raises(ConfigError, match="eval.every is set but eval.features is not"):
         load_config("tiny", ["eval.every=10"])
+    with pytest.raises(ConfigError, match="eval.clip=/nowhere is not a directory"):
+        load_config("tiny", ["eval.every=10", "eval.features=f.pt", "eval.clip=/nowhere"])
