@@ -146,15 +146,30 @@ def launch(nproc: int, argv: list[str], last_checkpoint=lambda: None, module: st
     return code
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """In a child process (a rank, before exec; a helper process of a rank): SIGKILL it when its parent dies
-    (a killed launcher must not leave ranks running; Linux prctl PR_SET_PDEATHSIG, a no-op elsewhere)."""
+    (a killed launcher must not leave ranks running; Linux prctl PR_SET_PDEATHSIG, a no-op elsewhere).
+    `parent`: the pid the child was started by; a parent that died before the prctl took effect (the signal
+    would then never come) ends the child here."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
+
+
+def quiet_helper(parent: int) -> None:
+    """Initializer of a rank's helper server (megatron's checkpoint results queue): end with the rank, and say
+    nothing. A rank killed while its server starts leaves the server failing to send its address to the dead
+    rank; that traceback would land in the rank's stderr, under the launcher's one line about the killed
+    rank. The server's failures show in the rank itself, as a broken queue."""
+    die_with_parent(parent)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.stderr = open(os.devnull, "w")
 
 
 def _signal_group(p: subprocess.Popen, signum: int) -> None:

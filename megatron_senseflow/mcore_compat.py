@@ -94,12 +94,14 @@ def _own_write_results_queue() -> None:
     if filesystem_async._results_queue is not None:
         return
     import multiprocessing as mp
+    import os
     from multiprocessing.managers import SyncManager
 
-    from .launcher import die_with_parent
+    from .launcher import quiet_helper
 
     _results_manager = SyncManager(ctx=mp.get_context("spawn"))
-    _results_manager.start(initializer=die_with_parent)
+    # a light module: the spawned server imports what its initializer's module imports
+    _results_manager.start(initializer=quiet_helper, initargs=(os.getpid(),))
     filesystem_async._results_queue = _results_manager.Queue()
 
 
