@@ -396,3 +396,22 @@ def test_readme_recipe_table_is_the_recipe_cards():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert readme_table() in readme, "README's recipe table is stale: paste recipe_card.readme_table() into it"
+
+
+def test_docs_recipe_cards_are_the_dry_run_cards():
+    """docs/recipes.md shows the `--dry-run` cards of the four main recipes (without the paths a real run needs):
+    a change of a recipe, a law or the memory plan must show there too."""
+    import re
+    from pathlib import Path
+
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.recipe_card import recipe_card, render
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    shown = re.findall(r"```\n(recipe card: .*?)\n```", text.split("## Recipe cards", 1)[1], re.S)
+    names = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium")
+    want = ["\n".join(ln for ln in render(recipe_card(load_config(n))).splitlines() if not ln.startswith("  missing:"))
+            for n in names]
+    assert len(shown) == len(names)
+    for name, got, card in zip(names, shown, want):
+        assert got == card, f"docs/recipes.md's card of {name} is stale: paste `senseflow train {name} --dry-run` into it"
