@@ -60,6 +60,26 @@ def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("verb", ["dry_run", "slurm"])
+def test_a_teacher_of_another_architecture_is_refused_by_dry_run_and_slurm_too(verb, checkpoints, tmp_path):
+    """`train --dry-run` and `senseflow slurm` read the architecture from the teacher checkpoint as `train` does:
+    a disagreeing model.arch or another family is one sentence, exit 2, and no batch script is written."""
+    for overrides, expect in (
+        ([f"roles.teacher.checkpoint={checkpoints['sd3']}"], "holds a SD3 model"),
+        ([f"roles.teacher.checkpoint={checkpoints['flux']}", "model.arch.num_layers=3"],
+         "model.arch.num_layers=3 disagrees with the teacher checkpoint"),
+    ):
+        if verb == "dry_run":
+            r = senseflow("train", "tiny", "--dry-run", *overrides)
+        else:
+            r = senseflow("slurm", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--cpu",
+                          "--output", str(tmp_path / "run"), *overrides)
+        line = one_line_error(r)
+        assert expect in line, line
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_train_runs_from_a_directory_with_its_own_models_and_data_packages(checkpoints, tmp_path):
     for name in ("models", "data", "tools", "slurm"):
         (tmp_path / name).mkdir()

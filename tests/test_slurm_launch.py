@@ -272,13 +272,18 @@ esac
 }
 
 
-def _job(tmp_path, command: str, restart: int = 0, max_restarts: int = 100, **extra_env):
+def _stubs(tmp_path) -> Path:
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir(exist_ok=True)
     for name, body in _STUBS.items():
         p = stub_dir / name
         p.write_text("#!/bin/bash\n" + body + "\n")
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return stub_dir
+
+
+def _job(tmp_path, command: str, restart: int = 0, max_restarts: int = 100, **extra_env):
+    stub_dir = _stubs(tmp_path)
     out = tmp_path / "out"
     batch = tmp_path / "batch.sh"
     batch.write_text(
@@ -334,6 +339,20 @@ def test_failed_requeue_is_reported(tmp_path):
     text, _ = proc.communicate(timeout=30)
     assert proc.returncode == 66, text
     assert "scontrol requeue failed with status 1" in text
+
+
+def test_a_batch_script_without_its_command_array_is_exit_64(tmp_path):
+    """A hand-edited script that sets SENSEFLOW_CMD as a string: one line, the setup exit code, nothing started."""
+    stub_dir = _stubs(tmp_path)  # were it to reach srun or scontrol, the stubs would record it
+    batch = tmp_path / "batch.sh"
+    batch.write_text(f"SENSEFLOW_OUTPUT_DIR={tmp_path / 'out'}\nSENSEFLOW_CMD='senseflow train x'\n"
+                     f"source {SLURM_DIR}/job.sh\n")
+    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "STUB_DIR": str(stub_dir),
+           "STUB_LOG": str(tmp_path / "calls"), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
+    r = subprocess.run(["bash", str(batch)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 64, r.stdout + r.stderr
+    assert "the batch script must set SENSEFLOW_CMD as a bash array" in r.stderr
+    assert not _calls(tmp_path)  # no srun, no requeue
 
 
 @pytest.mark.parametrize("code", [2, 3, 4, 5, 130])
