@@ -142,6 +142,8 @@ def test_readme_walkthrough(tmp_path):
         if " eval " in f" {command} ":
             assert "fid:" in r.stdout and "clip_score:" in r.stdout
             assert "warning: FID from 2 images is dominated by sampling noise" in out, out[-2000:]
+            # 64 px samples: patch FID cannot crop 299 px patches, and says that it equals FID here
+            assert "patch_fid:" in r.stdout and "below the 299 px patch" in out, out[-2000:]
     assert len(list((work / "samples").glob("*.png"))) == 2
 
     from diffusers import FluxPipeline
