@@ -300,12 +300,15 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
         return m.eval(), Denoiser(arch)
 
     teacher, t_den = load(teacher_dir)
-    from megatron_senseflow.checkpoint import CheckpointManager, resolve_role_dir
+    from megatron_senseflow.checkpoint import resolve_role_dir
+    from megatron_senseflow.models.checkpoint_io import CheckpointError
 
     student, s_den = load(resolve_role_dir(run_dir, "generator"))
     # the EMA of the generator is the student a run ships (as in DMD2 and the paper); scored beside the raw one
-    latest = CheckpointManager(run_dir / "checkpoints").latest()
-    ema = load(latest / "ema")[0] if latest is not None and (latest / "ema").is_dir() else None
+    try:
+        ema = load(resolve_role_dir(run_dir, "ema"))[0]
+    except CheckpointError:  # a run without ema_decay
+        ema = None
     y = torch.arange(10).repeat_interleave(per_digit)
     prompts = [prompt_for(int(v), i) for i, v in enumerate(y)]
     c, p = text.encode(prompts)

@@ -159,12 +159,10 @@ class InLoopEval:
             merged.update(part)
         rows = [merged[i] for i in range(self.n)]
         logs = {f"fd_{suffix}": frechet_distance(np.stack([r["features"] for r in rows]), self.reference)}
-        if "clip" in self.scorers:
-            logs[f"clip_{suffix}"] = clip_score_of(torch.tensor([r["clip"] for r in rows], dtype=torch.float64))
-        if "pickscore" in self.scorers:
-            model = self.scorers["pickscore"][0]
-            logs[f"pickscore_{suffix}"] = pick_score_of(model, torch.tensor([r["pickscore"] for r in rows],
-                                                                            dtype=torch.float64))
+        score_of = {"clip": lambda model, cos: clip_score_of(cos), "pickscore": pick_score_of}
+        for metric, (model, _) in self.scorers.items():
+            cosines = torch.tensor([r[metric] for r in rows], dtype=torch.float64)
+            logs[f"{metric}_{suffix}"] = score_of[metric](model, cosines)
         return logs
 
     def run(self) -> dict[str, float]:

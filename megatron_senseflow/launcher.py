@@ -168,8 +168,8 @@ def quiet_helper(parent: int) -> None:
     rank. The server's failures show in the rank itself, as a broken queue."""
     die_with_parent(parent)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    sys.stderr = open(os.devnull, "w")
+    os.dup2(devnull, 2)  # sys.stderr writes to fd 2
+    os.close(devnull)
 
 
 def _signal_group(p: subprocess.Popen, signum: int) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_senseflow import cli
-from tests.tiny_clip import tiny_clip
+from tests.tiny_clip import tiny_clip, tiny_pickscore
 
 pytestmark = pytest.mark.slow
 
@@ -290,11 +290,8 @@ def test_eval_pickscore_is_the_learned_scale_times_the_cosine(tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
     tiny_clip(tmp_path / "clip")
-    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(87.0))  # a learned scale, not CLIP's initial 1/0.07
-    model.save_pretrained(tmp_path / "pick")
-    CLIPProcessor.from_pretrained(tmp_path / "clip").save_pretrained(tmp_path / "pick")
+    tiny_pickscore(tmp_path / "clip", tmp_path / "pick", 87.0)
+    model = CLIPModel.from_pretrained(tmp_path / "pick").eval()
     got, lines = _eval_three_images(tmp_path, 3, "--pickscore", tmp_path / "pick", "pickscore")
 
     from megatron_senseflow.eval_cli import list_images, load_uint8

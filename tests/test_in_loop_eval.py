@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
-from tests.tiny_clip import tiny_clip
+from tests.tiny_clip import tiny_clip, tiny_pickscore
 from tests.trainer_helpers import make_teacher, metrics, train_inprocess
 
 VOLATILE = ("perf/", "mem/")
@@ -36,18 +36,10 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
-    """A tiny CLIP, and the same CLIP with a learned-looking logit scale as the PickScore model."""
-    import math
-
-    from transformers import CLIPModel, CLIPProcessor
-
+    """A tiny CLIP, and the same CLIP with a logit scale of 87 as the PickScore model."""
     root = tmp_path_factory.mktemp("scorers")
     tiny_clip(root / "clip")
-    model = CLIPModel.from_pretrained(root / "clip")
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(87.0))
-    model.save_pretrained(root / "pick")
-    CLIPProcessor.from_pretrained(root / "clip").save_pretrained(root / "pick")
+    tiny_pickscore(root / "clip", root / "pick", 87.0)
     return root / "clip", root / "pick"
 
 

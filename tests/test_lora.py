@@ -235,28 +235,23 @@ def test_lora_roles_share_the_teacher_and_ida_moves_as_derived(tmp_path, tp):
 # --------------------------------------------------------------------------- export: a diffusers LoRA and merged weights
 
 
-def _export_body(env, base_pipe, root):
+def _adapted_export(hf_dir, root, flux_student: bool = False):
+    """Import `hf_dir` as the base, add random rank-4 adapters, save them as a LoRA checkpoint and export it as a
+    diffusers LoRA (ROOT/lora). Returns the adapted model and random inputs for it."""
     import dataclasses
 
     from megatron_senseflow.models import build_model, transformer_config
-    from megatron_senseflow.models.checkpoint_io import (
-        checkpoint_arch,
-        load_model,
-        save_model,
-    )
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch, load_model, save_model
     from megatron_senseflow.models.lora import LoRASpec, add_lora
-    from megatron_senseflow.tools.convert_checkpoint import (
-        export_checkpoint,
-        import_checkpoint,
-    )
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
     from megatron_senseflow.tools.verify_conversion import random_inputs
 
-    from megatron_senseflow.sample_cli import load_model as sample_load
-
-    teacher = import_checkpoint(base_pipe, f"{root}/teacher", progress=False)  # FLUX.1-dev, guidance embedder kept
-    arch = dataclasses.replace(checkpoint_arch(teacher), guidance_embeds=False)  # the SenseFlow student
+    teacher = import_checkpoint(hf_dir, f"{root}/teacher", progress=False)
+    arch = checkpoint_arch(teacher)
+    if flux_student:  # FLUX.1-dev's guidance embedder stays in the teacher, the SenseFlow student drops it
+        arch = dataclasses.replace(arch, guidance_embeds=False)
     model = build_model(arch, transformer_config(arch))
-    load_model(model, arch, teacher, allow_guidance_drop=True)
+    load_model(model, arch, teacher, allow_guidance_drop=flux_student)
     add_lora(model, LoRASpec(4, 8.0), arch.attention_head_dim)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -266,10 +261,17 @@ def _export_body(env, base_pipe, root):
     model.lora_base = str(teacher)
     save_model(model, arch, f"{root}/adapters")
     export_checkpoint(f"{root}/adapters", f"{root}/lora", lora=True)
+    return model.eval(), random_inputs(arch, 2, (4, 4), 8, 3, guidance=None)
+
+
+def _export_body(env, base_pipe, root):
+    from megatron_senseflow.sample_cli import load_model as sample_load
+    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint
+
+    model, batch = _adapted_export(base_pipe, root, flux_student=True)
     export_checkpoint(f"{root}/adapters", f"{root}/merged", merge=True, base_pipeline=base_pipe, progress=False)
-    batch = random_inputs(arch, 2, (4, 4), 8, 3, guidance=None)
     with torch.no_grad():
-        ours = model.eval()(**batch)
+        ours = model(**batch)
         args = argparse.Namespace(ckpt=f"{root}/adapters", role="generator", base=None, diffusers=None)
         sampled = sample_load(args, 1, 1)[0](**batch)  # `senseflow sample`'s loader: base + adapters
     return {"ours": ours, "sample": sampled, "batch": batch}
@@ -304,28 +306,9 @@ def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights
 
 
 def _export_sd3_body(env, transformer_dir, root):
-    from megatron_senseflow.models import build_model, transformer_config
-    from megatron_senseflow.models.checkpoint_io import checkpoint_arch, load_model, save_model
-    from megatron_senseflow.models.lora import LoRASpec, add_lora
-    from megatron_senseflow.tools.convert_checkpoint import export_checkpoint, import_checkpoint
-    from megatron_senseflow.tools.verify_conversion import random_inputs
-
-    teacher = import_checkpoint(transformer_dir, f"{root}/teacher", progress=False)
-    arch = checkpoint_arch(teacher)
-    model = build_model(arch, transformer_config(arch))
-    load_model(model, arch, teacher)
-    add_lora(model, LoRASpec(4, 8.0), arch.attention_head_dim)
-    g = torch.Generator().manual_seed(3)
+    model, batch = _adapted_export(transformer_dir, root)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.lora_base = str(teacher)
-    save_model(model, arch, f"{root}/adapters")
-    export_checkpoint(f"{root}/adapters", f"{root}/lora", lora=True)
-    batch = random_inputs(arch, 2, (4, 4), 8, 3, guidance=None)
-    with torch.no_grad():
-        return {"ours": model.eval()(**batch), "batch": batch}
+        return {"ours": model(**batch), "batch": batch}
 
 
 @pytest.mark.slow

@@ -282,13 +282,15 @@ def _stubs(tmp_path) -> Path:
     return stub_dir
 
 
-def _job(tmp_path, command: str, restart: int = 0, max_restarts: int = 100, **extra_env):
+def _job(tmp_path, command: str, restart: int = 0, max_restarts: int = 100, cmd_line: str | None = None,
+         **extra_env):
+    """job.sh under stand-in Slurm commands, its step running `command` (or the batch line `cmd_line` as is)."""
     stub_dir = _stubs(tmp_path)
     out = tmp_path / "out"
     batch = tmp_path / "batch.sh"
+    cmd_line = cmd_line or f"SENSEFLOW_CMD=(bash -c {shlex.quote(command)})"
     batch.write_text(
-        f"SENSEFLOW_OUTPUT_DIR={out}\nSENSEFLOW_MAX_RESTARTS={max_restarts}\n"
-        f"SENSEFLOW_CMD=(bash -c {shlex.quote(command)})\nsource {SLURM_DIR}/job.sh\n"
+        f"SENSEFLOW_OUTPUT_DIR={out}\nSENSEFLOW_MAX_RESTARTS={max_restarts}\n{cmd_line}\nsource {SLURM_DIR}/job.sh\n"
     )
     env = {
         **os.environ,
@@ -343,15 +345,10 @@ def test_failed_requeue_is_reported(tmp_path):
 
 def test_a_batch_script_without_its_command_array_is_exit_64(tmp_path):
     """A hand-edited script that sets SENSEFLOW_CMD as a string: one line, the setup exit code, nothing started."""
-    stub_dir = _stubs(tmp_path)  # were it to reach srun or scontrol, the stubs would record it
-    batch = tmp_path / "batch.sh"
-    batch.write_text(f"SENSEFLOW_OUTPUT_DIR={tmp_path / 'out'}\nSENSEFLOW_CMD='senseflow train x'\n"
-                     f"source {SLURM_DIR}/job.sh\n")
-    env = {**os.environ, "PATH": f"{stub_dir}:{os.environ['PATH']}", "STUB_DIR": str(stub_dir),
-           "STUB_LOG": str(tmp_path / "calls"), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
-    r = subprocess.run(["bash", str(batch)], env=env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 64, r.stdout + r.stderr
-    assert "the batch script must set SENSEFLOW_CMD as a bash array" in r.stderr
+    proc, _ = _job(tmp_path, "", cmd_line="SENSEFLOW_CMD='senseflow train x'")
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 64, text
+    assert "the batch script must set SENSEFLOW_CMD as a bash array" in text
     assert not _calls(tmp_path)  # no srun, no requeue
 
 

@@ -30,3 +30,17 @@ def tiny_clip(directory: Path) -> None:
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(directory)
     proc.save_pretrained(directory)
+
+
+def tiny_pickscore(clip_dir: Path, directory: Path, scale: float = 87.0) -> None:
+    """The tiny CLIP at `clip_dir` with a learned-looking logit scale (not CLIP's initial 1/0.07), saved with its
+    processor files as a PickScore_v1 directory."""
+    import math
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(clip_dir)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(scale))
+    model.save_pretrained(directory)
+    CLIPProcessor.from_pretrained(clip_dir).save_pretrained(directory)
