@@ -1,22 +1,10 @@
 """Offline encoding: VAE latents and text embeddings computed once, so training never runs the encoders.
 
-Reusable pieces, all loaded from a local diffusers pipeline folder
-(vae/, text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/):
+Every family brings its own encoders (models/family.py: `text_encoder`, `vae`), loaded from a local diffusers
+pipeline folder; this module runs them over image shards:
 
-    LatentEncoder.from_pretrained(path).encode(images_B3HW_in_-1_1) -> latents_BCHW, (z - shift) * scale
-    text = TextEncoder.from_pretrained(path, "flux" | "sd3")
-    text.encode(prompts) -> (text_BLD float32, pooled_BP float32)
-
-FLUX: T5 sequence embeddings [B, 512, 4096] (`t5.npy`) + CLIP-L pooled [B, 768]
-(`clip_pooled.npy`), as `FluxPipeline.encode_prompt`. SD3.x: CLIP-L and
-CLIP-G penultimate hidden states concatenated and zero-padded to T5's width,
-then T5 appended along the sequence ([B, 77 + 77, 4096], `text.npy`), and
-both CLIP projections concatenated ([B, 2048], `pooled.npy`), as
-`StableDiffusion3Pipeline.encode_prompt`.
-
-Latents are the posterior mode, not a sample: the encoded set is then a
-pure function of the images, and the posterior's spread is far below the
-noise the training adds anyway.
+    text = text_encoder(path, family)          # prompts -> (text [B, L, D] float32, pooled [B, P] float32)
+    latent = latent_codec(path, family)        # images [B, 3, H, W] in [-1, 1] -> latents (posterior mode)
 
 `encode_shards` turns a folder of image shards into encoded shards with the
 same names, keeping the resized jpg, caption and JSON of every sample (the
@@ -29,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +25,9 @@ import numpy as np
 import torch
 
 from megatron_senseflow.config import ConfigError, DataConfig
+from megatron_senseflow.models import FAMILIES, family_of
+from megatron_senseflow.models.registry import family_of_pipeline
+from megatron_senseflow.models.text_encoders import TextEncoder, need
 
 from . import bad
 from .bad import Problem
@@ -46,203 +36,43 @@ from .shards import JobDir, ShardReadError, ShardSet, ShardSink, iter_samples
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("flux", "sd3")
 LATENT_KEY = "latent.npy"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-# The distillation trainers' prompt lengths: FLUX T5 512 (SenseFlow's FLUX encode_prompt); SD3.x 77 CLIP + 77 T5
-# tokens (SenseFlow's SD3.5 and SiD-DiT's SD3 encode T5 with max_length 77; diffusers' own default is 256)
-DEFAULT_TEXT_LENGTH = {"flux": 512, "sd3": 77 + 77}
-PIPELINE_FAMILY = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-
-
-def _need(folder: Path, sub: str) -> Path:
-    path = folder / sub
-    if not path.is_dir():
-        raise ConfigError(
-            f"{folder} has no {sub}/ folder; --model-path must be a local diffusers pipeline folder "
-            f"(vae/, text_encoder*/, tokenizer*/) such as a FLUX.1 or SD3.x download."
-        )
-    return path
 
 
 def infer_family(pipeline_dir: str | Path) -> str:
-    """'flux' or 'sd3' from the pipeline's model_index.json."""
+    """The family of a pipeline folder, from its model_index.json's pipeline class."""
     index = Path(pipeline_dir) / "model_index.json"
     try:
         name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError):
         name = ""
-    for prefix, family in PIPELINE_FAMILY.items():
-        if name.startswith(prefix):
-            return family
-    raise ConfigError(f"cannot tell the model family from {index} (class {name!r}); pass --family flux or --family sd3.")
+    fam = family_of_pipeline(name)
+    if fam is None:
+        raise ConfigError(f"cannot tell the model family from {index} (class {name!r}); pass --family "
+                          f"{' or --family '.join(sorted(FAMILIES))}.")
+    return fam.name
 
 
-# --------------------------------------------------------------------------- latents
+def _family(family: str):
+    if family not in FAMILIES:
+        raise ConfigError(f"--family {family!r} is unknown; use one of {', '.join(sorted(FAMILIES))}.")
+    return family_of(family)
 
 
-class LatentEncoder:
-    """A diffusers AutoencoderKL that maps images in [-1, 1] to the latents the DiT is trained on."""
-
-    def __init__(self, vae, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        cfg = vae.config
-        self.device, self.dtype = torch.device(device), dtype
-        self.shift = float(cfg.shift_factor or 0.0)  # SD-style VAEs have none
-        self.scale = float(cfg.scaling_factor)
-        self.scale_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.channels = int(cfg.latent_channels)
-
-    @classmethod
-    def from_pretrained(cls, pipeline_dir: str | Path, device="cpu", dtype=torch.float32) -> "LatentEncoder":
-        from diffusers import AutoencoderKL
-
-        return cls(AutoencoderKL.from_pretrained(_need(Path(pipeline_dir), "vae"), torch_dtype=dtype), device, dtype)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] in [-1, 1] -> float32 latents [B,C,H/f,W/f] on the CPU."""
-        z = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mode()
-        return ((z.float() - self.shift) * self.scale).cpu()
+def text_encoder(pipeline_dir: str | Path, family: str, max_length: int | None = None, device="cpu",
+                 dtype=torch.float32, clip: str | None = None) -> TextEncoder:
+    """The family's text stack from a local pipeline folder (`clip`: CLIP ViT-L/14 for families without it)."""
+    return _family(family).text_encoder(Path(pipeline_dir), max_length, device, dtype, clip)
 
 
-# --------------------------------------------------------------------------- text
+def latent_codec(pipeline_dir: str | Path, family: str, device="cpu", dtype=torch.float32):
+    """The family's VAE from the pipeline folder's vae/ (models/vae.py LatentCodec)."""
+    return _family(family).vae(need(Path(pipeline_dir), "vae"), dtype, device)
 
 
-def _tokens(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-
-
-class TextEncoder(ABC):
-    """The text stack of one model family: prompts -> (sequence embeddings, pooled embedding)."""
-
-    family: str
-    text_key: str
-    pooled_key: str
-    max_length: int
-    """Text tokens per prompt in the output sequence."""
-
-    @abstractmethod
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> text [B, L, D] float32, pooled [B, P] float32, on the CPU."""
-
-    @property
-    @abstractmethod
-    def text_dim(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def pooled_dim(self) -> int: ...
-
-    @staticmethod
-    def from_pretrained(
-        pipeline_dir: str | Path, family: str, max_length: int | None = None, device="cpu", dtype=torch.float32
-    ) -> "TextEncoder":
-        if family not in FAMILIES:
-            raise ConfigError(f"--family {family!r} is unknown; use flux or sd3.")
-        cls = FluxTextEncoder if family == "flux" else SD3TextEncoder
-        return cls.from_pretrained(Path(pipeline_dir), max_length or DEFAULT_TEXT_LENGTH[family], device, dtype)
-
-
-def _load_text_model(cls_name: str, path: Path, device, dtype):
-    import transformers
-
-    return getattr(transformers, cls_name).from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-class FluxTextEncoder(TextEncoder):
-    """CLIP-L pooled output + T5 last hidden state, as diffusers' FluxPipeline.encode_prompt."""
-
-    family, text_key, pooled_key = "flux", "t5.npy", "clip_pooled.npy"
-
-    def __init__(self, clip_tokenizer, clip, t5_tokenizer, t5, max_length: int = 512):
-        self.clip_tokenizer, self.clip = clip_tokenizer, clip
-        self.t5_tokenizer, self.t5 = t5_tokenizer, t5
-        self.max_length = max_length
-
-    @classmethod
-    def from_pretrained(cls, d: Path, max_length: int, device, dtype) -> "FluxTextEncoder":
-        return cls(
-            _load_tokenizer(_need(d, "tokenizer")),
-            _load_text_model("CLIPTextModel", _need(d, "text_encoder"), device, dtype),
-            _load_tokenizer(_need(d, "tokenizer_2")),
-            _load_text_model("T5EncoderModel", _need(d, "text_encoder_2"), device, dtype),
-            max_length,
-        )
-
-    @property
-    def text_dim(self) -> int:
-        return self.t5.config.d_model
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.clip.config.hidden_size
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        clip_ids = _tokens(self.clip_tokenizer, prompts, self.clip_tokenizer.model_max_length)
-        pooled = self.clip(clip_ids.to(self.clip.device), output_hidden_states=False).pooler_output
-        t5_ids = _tokens(self.t5_tokenizer, prompts, self.max_length)
-        text = self.t5(t5_ids.to(self.t5.device), output_hidden_states=False)[0]
-        return text.float().cpu(), pooled.float().cpu()
-
-
-class SD3TextEncoder(TextEncoder):
-    """CLIP-L + CLIP-G (penultimate layer, projections pooled) joined with T5, as StableDiffusion3Pipeline."""
-
-    family, text_key, pooled_key = "sd3", "text.npy", "pooled.npy"
-
-    def __init__(self, clip_l_tokenizer, clip_l, clip_g_tokenizer, clip_g, t5_tokenizer, t5, max_length: int = 154):
-        self.clips = ((clip_l_tokenizer, clip_l), (clip_g_tokenizer, clip_g))
-        self.t5_tokenizer, self.t5 = t5_tokenizer, t5
-        # diffusers pads both CLIP prompts to the first tokenizer's length
-        self.clip_length = clip_l_tokenizer.model_max_length
-        if max_length <= self.clip_length:
-            raise ConfigError(
-                f"SD3 text length {max_length} leaves no room for T5 after {self.clip_length} CLIP tokens; "
-                f"use at least {self.clip_length + 1} (SD3.x default {DEFAULT_TEXT_LENGTH['sd3']})."
-            )
-        self.max_length = max_length
-
-    @classmethod
-    def from_pretrained(cls, d: Path, max_length: int, device, dtype) -> "SD3TextEncoder":
-        return cls(
-            _load_tokenizer(_need(d, "tokenizer")),
-            _load_text_model("CLIPTextModelWithProjection", _need(d, "text_encoder"), device, dtype),
-            _load_tokenizer(_need(d, "tokenizer_2")),
-            _load_text_model("CLIPTextModelWithProjection", _need(d, "text_encoder_2"), device, dtype),
-            _load_tokenizer(_need(d, "tokenizer_3")),
-            _load_text_model("T5EncoderModel", _need(d, "text_encoder_3"), device, dtype),
-            max_length,
-        )
-
-    @property
-    def text_dim(self) -> int:
-        return self.t5.config.d_model
-
-    @property
-    def pooled_dim(self) -> int:
-        return sum(enc.config.projection_dim for _, enc in self.clips)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs, pooled = [], []
-        for tokenizer, encoder in self.clips:
-            out = encoder(_tokens(tokenizer, prompts, self.clip_length).to(encoder.device), output_hidden_states=True)
-            pooled.append(out.text_embeds)
-            seqs.append(out.hidden_states[-2])
-        t5_ids = _tokens(self.t5_tokenizer, prompts, self.max_length - self.clip_length)
-        t5 = self.t5(t5_ids.to(self.t5.device))[0]
-        clip = torch.cat(seqs, dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        text = torch.cat([clip.to(t5.dtype), t5], dim=-2)
-        return text.float().cpu(), torch.cat(pooled, dim=-1).float().cpu()
+def default_text_length(family: str) -> int:
+    return _family(family).default_text_length
 
 
 # --------------------------------------------------------------------------- encoding shards
@@ -257,6 +87,8 @@ class EncodeSettings:
     family: str
     text_max_length: int
     text_dtype: str = "float16"
+    clip: str | None = None
+    """CLIP ViT-L/14 folder of families whose text encoder is not CLIP (the discriminator's condition)."""
 
 
 TEXT_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -271,7 +103,7 @@ def _npy(arr: np.ndarray) -> bytes:
 class _ShardEncoder:
     """Encodes one input shard into one output shard of the same name."""
 
-    def __init__(self, s: EncodeSettings, text: TextEncoder, latent: LatentEncoder, spec, out: Path, batch_size: int):
+    def __init__(self, s: EncodeSettings, text: TextEncoder, latent, spec, out: Path, batch_size: int):
         self.s, self.text, self.latent, self.spec, self.out = s, text, latent, spec, out
         self.batch_size = batch_size
 
@@ -306,7 +138,8 @@ class _ShardEncoder:
 
     def _flush(self, group: list, sink: ShardSink, problems: list[Problem], name: str) -> None:
         images = torch.from_numpy(np.stack([d["image"] for _, d in group]).astype(np.float32) / 127.5 - 1.0)
-        latents = self.latent.encode(images).numpy()
+        with torch.no_grad():
+            latents = self.latent.encode(images).cpu().numpy()
         text, pooled = (t.numpy() for t in self.text.encode([d["prompt"] for _, d in group]))
         dtype = TEXT_DTYPES[self.s.text_dtype]
         for i, (sample, _) in enumerate(group):
@@ -323,7 +156,7 @@ def encode_shards(
     s: EncodeSettings,
     out: str | Path,
     text: TextEncoder,
-    latent: LatentEncoder,
+    latent,
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
@@ -361,7 +194,7 @@ def encode_shards(
     return _finish(jobdir, s, source, text, latent, out)
 
 
-def _finish(jobdir: JobDir, s: EncodeSettings, source: ShardSet, text: TextEncoder, latent: LatentEncoder, out: Path):
+def _finish(jobdir: JobDir, s: EncodeSettings, source: ShardSet, text: TextEncoder, latent, out: Path):
     from safetensors.torch import save_file
 
     records = jobdir.records(len(source.names))
@@ -381,11 +214,7 @@ def _finish(jobdir: JobDir, s: EncodeSettings, source: ShardSet, text: TextEncod
             "latent_key": LATENT_KEY,
             "text_key": text.text_key,
             "pooled_key": text.pooled_key,
-            "latent_channels": latent.channels,
-            "vae_scale_factor": latent.scale_factor,
-            "shift_factor": latent.shift,
-            "scaling_factor": latent.scale,
-            "latent": "posterior mode, (z - shift_factor) * scaling_factor",
+            **latent.describe(),
             "text_shape": [text.max_length, text.text_dim],
             "pooled_dim": text.pooled_dim,
             "text_dtype": s.text_dtype,

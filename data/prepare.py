@@ -18,7 +18,10 @@ import torch
 
 from megatron_senseflow.config import ConfigError
 
-from .encode import DEFAULT_TEXT_LENGTH, FAMILIES, TEXT_DTYPES, EncodeSettings, LatentEncoder, TextEncoder, encode_shards, infer_family
+from megatron_senseflow.models import FAMILIES
+
+from .encode import (TEXT_DTYPES, EncodeSettings, default_text_length, encode_shards, infer_family, latent_codec,
+                     text_encoder)
 from .imageops import parse_ratios
 from .sources import SOURCES
 from .write import MISSING_AESTHETIC_POLICIES, WriteSettings, write_shards
@@ -56,8 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc = parser.add_argument_group("encoding (--encode; one process per GPU under torchrun or srun)")
     enc.add_argument("--encode", action="store_true", help="encode image shards into latent + text-embedding shards")
     enc.add_argument("--model-path", help="local diffusers pipeline folder (vae/, text_encoder*/, tokenizer*/)")
-    enc.add_argument("--family", choices=FAMILIES, help="model family (default: read from model_index.json)")
-    enc.add_argument("--text-max-length", type=int, help=f"text tokens per prompt (default {DEFAULT_TEXT_LENGTH})")
+    enc.add_argument("--family", choices=sorted(FAMILIES), help="model family (default: read from model_index.json)")
+    enc.add_argument("--text-max-length", type=int, help="text tokens per prompt (default: the family's, e.g. FLUX.1 "
+                     "512, SD3.x 154)")
+    enc.add_argument("--clip", help="a local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14): Qwen-Image and FLUX.2 "
+                     "have no CLIP text encoder, so the discriminator's CLIP condition is computed here")
     enc.add_argument("--text-dtype", choices=sorted(TEXT_DTYPES), default="float16", help="storage dtype of text embeddings")
     enc.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default 8)")
     enc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the encoders run")
@@ -110,6 +116,12 @@ def _encode(args: argparse.Namespace) -> int:
     if not args.model_path:
         raise ConfigError("--encode needs --model-path, the local diffusers pipeline folder of the teacher.")
     family = args.family or infer_family(args.model_path)
+    fam = FAMILIES[family]
+    if fam.clip_at_encode and not args.clip:
+        raise ConfigError(f"{fam.label}'s text encoder is not CLIP, so the discriminator's CLIP ViT-L/14 text condition "
+                          "is computed while encoding: pass --clip DIR (a local openai/clip-vit-large-patch14).")
+    if args.clip and not fam.clip_at_encode:
+        log.warning("--clip %s is not read: %s's own text stack carries CLIP ViT-L/14 already", args.clip, fam.label)
     started_here = False
     if dist.is_initialized():
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -126,11 +138,12 @@ def _encode(args: argparse.Namespace) -> int:
         input=args.input,
         model_path=args.model_path,
         family=family,
-        text_max_length=args.text_max_length or DEFAULT_TEXT_LENGTH[family],
+        text_max_length=args.text_max_length or default_text_length(family),
         text_dtype=args.text_dtype,
+        clip=args.clip if fam.clip_at_encode else None,
     )
-    text = TextEncoder.from_pretrained(args.model_path, family, settings.text_max_length, device, dtype)
-    latent = LatentEncoder.from_pretrained(args.model_path, device, dtype)
+    text = text_encoder(args.model_path, family, settings.text_max_length, device, dtype, args.clip)
+    latent = latent_codec(args.model_path, family, device, dtype)
     try:
         barrier = dist.barrier if world > 1 else lambda: None
         manifest = encode_shards(settings, args.out, text, latent, rank, world, barrier, args.batch_size)

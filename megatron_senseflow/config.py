@@ -18,14 +18,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from megatron_senseflow.errors import UserError
+from megatron_senseflow.errors import ConfigError, UserError  # noqa: F401  (ConfigError is re-exported)
 from megatron_senseflow.models.configs import Arch, ArchError, make_arch
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(UserError):
-    """A configuration that cannot run, said in one sentence that names the value and the fix."""
 
 
 class Range:
@@ -57,13 +53,15 @@ NonNegativeInt = Annotated[int, Range(ge=0)]
 @dataclass(kw_only=True)
 class ModelConfig:
     preset: str = "flux-dev"
-    """Model family and its default architecture: flux-dev, flux-schnell, sd3-medium, sd35-medium, sd35-large,
-    tiny-flux, tiny-sd3. With roles.teacher.checkpoint set, the architecture is the checkpoint's own."""
+    """Model family and its default architecture (models/<family>/arch.py): flux-dev, flux-schnell, sd3-medium,
+    sd35-medium, sd35-large, qwen-image, flux2-dev, flux2-klein-4b, flux2-klein-9b, and tiny-* test models. With
+    roles.teacher.checkpoint set, the architecture is the checkpoint's own."""
     arch: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset's architecture fields, named as in diffusers' config.json; with a teacher
     checkpoint they must agree with it (the loader fills in the rest from the checkpoint)."""
     student_guidance_embeds: bool = False
-    """FLUX only: keep the guidance embedding in generator and fake score (SenseFlow drops it)."""
+    """Teachers that embed a guidance scale (FLUX.1-dev, FLUX.2-dev): keep that embedding in generator and fake
+    score (SenseFlow drops it)."""
     spec: Literal["local", "te"] = "local"
     """Layer backend: 'local' (plain torch + megatron-core TP layers, runs on CPU) or 'te' (TransformerEngine)."""
     recompute: Literal["none", "full", "selective"] = "none"
@@ -80,19 +78,13 @@ class ModelConfig:
     def take_arch_from(self, checkpoint: str) -> None:
         """The teacher's architecture is the one its checkpoint records (senseflow_model.json): the preset
         names the family and its defaults, and a field the recipe sets in model.arch must agree."""
-        import json
+        from .models.checkpoint_io import CheckpointError, checkpoint_arch
+        from .models.configs import arch_to_dict
 
-        from .models.configs import arch_from_dict, arch_to_dict
-
-        meta = Path(checkpoint) / "senseflow_model.json"
         try:
-            saved = arch_from_dict(json.loads(meta.read_text())["arch"])
-        except FileNotFoundError:
-            raise ConfigError(f"roles.teacher.checkpoint={checkpoint} is not a senseflow model checkpoint (no "
-                              f"{meta.name}); convert the teacher first with `senseflow convert import --hf DIR "
-                              f"--out CKPT` and pass that CKPT.") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{meta} cannot be read ({e}); convert the teacher again.") from None
+            saved = checkpoint_arch(checkpoint)
+        except CheckpointError as e:
+            raise ConfigError(f"roles.teacher.checkpoint={checkpoint}: {e}") from None
         family = make_arch(self.preset).family
         if saved.family != family:
             raise ConfigError(f"roles.teacher.checkpoint={checkpoint} holds a {saved.label} model, but "
@@ -108,8 +100,10 @@ class ModelConfig:
         self.arch = {k: v for k, v in have.items() if k != "family"}
 
     def student_arch(self) -> Arch:
+        """The generator's and fake score's architecture: the teacher's, without a guidance embedding unless
+        model.student_guidance_embeds keeps it (SenseFlow's FLUX students take no guidance scale)."""
         arch = self.teacher_arch()
-        if arch.family == "flux" and not self.student_guidance_embeds:
+        if arch.guidance_embeds and not self.student_guidance_embeds:
             arch = dataclasses.replace(arch, guidance_embeds=False)
         return arch
 
@@ -450,6 +444,12 @@ class Config:
 
         return OBJECTIVES[self.method].wants_discriminator(self)
 
+    def _clip_from_pooled(self) -> str:
+        """How the discriminator's CLIP ViT-L/14 condition is read off the pooled vector (models/family.py)."""
+        from .models import family_of
+
+        return family_of(self.model.teacher_arch()).clip_condition
+
     def stand_ins(self) -> list[str]:
         """What this run replaces by a stand-in, one phrase each (the start banner lists them)."""
         out = []
@@ -475,9 +475,9 @@ class Config:
         12B run against a random teacher or a random DINOv2 would burn a cluster for nothing.
         Test and demo recipes may run on stand-ins; the banner says which.
         """
+        missing = self._path_problems()
         if self.purpose != "training":
-            return []
-        missing = []
+            return missing
         label = self.model.preset
         if not self.roles.teacher.checkpoint:
             missing.append(f"roles.teacher.checkpoint is not set: a {label} run needs the teacher converted with "
@@ -494,7 +494,7 @@ class Config:
             if not dc.vae or dc.vae == "pixel":
                 missing.append(f"roles.discriminator.vae is {dc.vae!r}: a {label} run decodes latents with the "
                                f"pipeline's VAE; pass roles.discriminator.vae=DIR/vae.")
-            if dc.text_condition == "clip_l" and self.model.teacher_arch().family == "flux" and not dc.clip:
+            if dc.text_condition == "clip_l" and self._clip_from_pooled() == "project" and not dc.clip:
                 missing.append("roles.discriminator.clip is not set: the heads' CLIP ViT-L/14 condition projects "
                                "FLUX's pooled CLIP-L embedding with CLIP's text projection; pass "
                                "roles.discriminator.clip=DIR (a transformers clip-vit-large-patch14).")
@@ -502,6 +502,55 @@ class Config:
                 missing.append("roles.discriminator.text_condition=pooled is a stand-in for tests and the demo; a "
                                "training run conditions the heads on CLIP ViT-L/14 (text_condition=clip_l).")
         return missing
+
+    def reads_clip(self) -> bool:
+        """Whether this run reads roles.discriminator.clip (FLUX.1's CLIP-L projection for the heads' condition)."""
+        dc = self.roles.discriminator
+        return self.wants_discriminator() and dc.text_condition == "clip_l" and self._clip_from_pooled() == "project"
+
+    def _path_problems(self) -> list[str]:
+        """Paths given for the discriminator that cannot be what they should be, found from their config files
+        alone (before the teacher and the students are built, whatever the purpose)."""
+        import json
+
+        dc, out = self.roles.discriminator, []
+        if not self.wants_discriminator():
+            return out
+        if dc.dinov2 and dc.dinov2 != "tiny":
+            cfg_file = Path(dc.dinov2) / "config.json"
+            if not cfg_file.is_file():
+                out.append(f"roles.discriminator.dinov2={dc.dinov2} is not a transformers DINOv2 directory (no "
+                           f"config.json); pass the local facebook/dinov2-large folder.")
+            else:
+                try:
+                    depth = int(json.loads(cfg_file.read_text())["num_hidden_layers"])
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    depth = None
+                    out.append(f"{cfg_file} cannot be read as a DINOv2 config ({e}); re-download the model.")
+                deepest = max(dc.feature_layers, default=-1)
+                if depth is not None and deepest >= depth:
+                    out.append(f"roles.discriminator.dinov2={dc.dinov2} has {depth} blocks, but "
+                               f"roles.discriminator.feature_layers={list(dc.feature_layers)} taps block {deepest} "
+                               f"(0-based); use DINOv2 ViT-L/14 (24 blocks, the authors' taps) or list only blocks "
+                               f"below {depth}.")
+        if dc.vae and dc.vae != "pixel" and not (Path(dc.vae) / "config.json").is_file():
+            out.append(f"roles.discriminator.vae={dc.vae} is not a diffusers VAE directory (no config.json); pass the "
+                       f"teacher pipeline's vae/ folder.")
+        if dc.clip and self.reads_clip() and not Path(dc.clip).is_dir():
+            out.append(f"roles.discriminator.clip={dc.clip} is not a directory; pass a local transformers CLIP "
+                       f"ViT-L/14 folder (openai/clip-vit-large-patch14).")
+        return out
+
+    def notes(self) -> list[str]:
+        """Settings this run will not read, one sentence each (the start banner and --dry-run print them)."""
+        dc, out = self.roles.discriminator, []
+        if dc.clip and not self.reads_clip():
+            why = ("this run trains no discriminator" if not self.wants_discriminator() else
+                   "the heads are conditioned on the pooled vector (text_condition=pooled)"
+                   if dc.text_condition != "clip_l" else
+                   f"{self.model.teacher_arch().label}'s batches carry CLIP ViT-L/14's text embedding already")
+            out.append(f"roles.discriminator.clip={dc.clip} is not read: {why}.")
+        return out
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError with one sentence for the first thing that cannot run.
@@ -575,11 +624,16 @@ class Config:
             if law.kind == "uniform_index" and law.index_min > law.index_max:
                 raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
         dc = self.roles.discriminator
-        width = arch.pooled_projection_dim
-        if dc.enabled and dc.text_condition == "clip_l" and (width < 768 if arch.family == "sd3" else width != 768):
-            raise ConfigError(f"roles.discriminator.text_condition='clip_l' reads CLIP ViT-L/14's 768-channel "
-                              f"embedding from the pooled text embedding, but this {arch.label} model's is {width} "
-                              f"wide; use text_condition='pooled'.")
+        width, how = arch.pooled_dim, self._clip_from_pooled()
+        if self.wants_discriminator() and dc.text_condition == "clip_l" and (width < 768 if how == "slice" else width != 768):
+            fix = ("in a test or demo recipe (purpose: test) the pooled vector itself can condition the heads "
+                   "(roles.discriminator.text_condition=pooled)" if self.purpose != "training" else
+                   "a training run needs a teacher whose text stack includes CLIP ViT-L/14 (FLUX.1 and SD3.x "
+                   "releases do; Qwen-Image and FLUX.2 shards carry it from `prepare-data --encode --clip`), or "
+                   "the run without the discriminator (roles.discriminator.enabled=false)")
+            raise ConfigError(f"the discriminator's text condition is CLIP ViT-L/14's 768-channel text embedding, "
+                              f"read from the pooled vector of each batch, but this {arch.label} model's pooled vector "
+                              f"is {width} wide, so its text encoder is not CLIP ViT-L/14; {fix}.")
 
 
     def _check_lora(self) -> None:

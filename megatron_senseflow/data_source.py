@@ -53,8 +53,8 @@ class SyntheticData(_Checkpointed):
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, latent_channels: int, latent_side: int, arch, device):
         self.cfg, self.dp_rank, self.dp_size, self.device = cfg, dp_rank, dp_size, device
         self.shape = (latent_channels, latent_side, latent_side)
-        self.text_shape = (cfg.data.text_max_length, arch.joint_attention_dim)
-        self.pooled_dim = arch.pooled_projection_dim
+        self.text_shape = (cfg.data.text_max_length, arch.text_dim)
+        self.pooled_dim = arch.pooled_dim
         self.batch = cfg.data.micro_batch_size * cfg.parallel.num_microbatches
         self.index = 0
 

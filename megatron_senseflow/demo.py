@@ -94,12 +94,16 @@ def digits_text() -> DigitsText:
 
 
 class GrayLatent:
-    """The latent encoder `prepare-data --encode` calls: RGB in [-1, 1] -> gray -> space-to-depth."""
+    """The latent codec `prepare-data --encode` calls: RGB in [-1, 1] -> gray -> space-to-depth."""
 
-    channels, scale_factor, shift, scale = 4, 2, 0.0, 1.0
+    latent_channels, factor = 4, 2
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(images.float().mean(1, keepdim=True), 2)
+
+    def describe(self) -> dict:
+        return {"latent_channels": self.latent_channels, "vae_scale_factor": self.factor, "shift_factor": 0.0,
+                "scaling_factor": 1.0, "latent": "gray image, 2 x 2 space-to-depth"}
 
 
 def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +319,7 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
     ec, ep = text.encode([""] * len(prompts))
     noise = torch.randn(len(y), 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(2024))
     num_tokens = (RES // 4) ** 2
-    m = flow.default_shift("flux", num_tokens)
+    m = flow.default_shift(s_den.arch, num_tokens, 4)
     taus = flow.anchors(4, m)
 
     def vel(model, den, cc, pp):

@@ -80,24 +80,25 @@ def clip_text_projection(directory: str) -> torch.Tensor:
 
 
 class TextCondition(nn.Module):
-    """The heads' text condition from the pooled embedding every batch carries (no text encoder runs per step).
+    """The heads' text condition from the pooled vector every batch carries (no text encoder runs per step).
 
-    'clip_l': the authors' CLIP().encode_text, L2-normalised CLIP ViT-L/14 text features. SD3.x's pooled
-    embedding is [CLIP-L text_embeds (768) | CLIP-G text_embeds (1280)] (StableDiffusion3Pipeline), so it is
-    the first 768 channels; FLUX's is CLIP-L's pooler output before the projection, so it is projected
-    with CLIP's own text_projection. 'pooled': the pooled embedding as is (tests, the demo).
+    'clip_l': the authors' CLIP().encode_text, L2-normalised CLIP ViT-L/14 text features, read off the pooled
+    vector as the family says (models/family.py `clip_condition`): 'slice' takes its first 768 channels (SD3.x's
+    pooled embedding is [CLIP-L text_embeds (768) | CLIP-G text_embeds (1280)], StableDiffusion3Pipeline; Qwen-Image
+    and FLUX.2 carry CLIP-L's text_embeds computed at encode time); 'project' applies CLIP's own text_projection
+    (FLUX.1's pooled vector is CLIP-L's pooler output before it). 'pooled': the pooled vector as is (tests, demo).
     """
 
-    def __init__(self, mode: str, family: str, pooled_dim: int, projection: torch.Tensor | None = None):
+    def __init__(self, mode: str, clip_from_pooled: str, pooled_dim: int, projection: torch.Tensor | None = None):
         super().__init__()
-        self.mode, self.family = mode, family
+        self.mode, self.clip_from_pooled = mode, clip_from_pooled
         self.dim = CLIP_L_DIM if mode == "clip_l" else pooled_dim
         self.register_buffer("projection", projection, persistent=False)
 
     def forward(self, pooled_BP: torch.Tensor) -> torch.Tensor:
         if self.mode == "pooled":
             return pooled_BP.float()
-        if self.family == "sd3":
+        if self.clip_from_pooled == "slice":
             feats = pooled_BP[:, :CLIP_L_DIM].float()
         else:
             feats = pooled_BP.float() @ self.projection.t()

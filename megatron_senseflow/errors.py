@@ -35,6 +35,10 @@ class UserError(ValueError):
     """A refused input, in one sentence: what is wrong with which value, and what to do."""
 
 
+class ConfigError(UserError):
+    """A configuration that cannot run, said in one sentence that names the value and the fix."""
+
+
 class RunEnded(RuntimeError):
     """The run stops for a reason the message says in one sentence; `exit_code` tells the launcher which."""
 

@@ -34,13 +34,12 @@ def shift(s, m: float):
     return m * s / (1 + (m - 1) * s)
 
 
-def flux_mu(num_image_tokens: int) -> float:
-    """FLUX's resolution-dependent log-shift: 0.5 at 256 tokens to 1.15 at 4096, linear in between (and beyond)."""
-    return 0.5 + (1.15 - 0.5) * (num_image_tokens - 256) / (4096 - 256)
+def default_shift(arch, num_image_tokens: int, num_steps: int) -> float:
+    """The teacher's own shift at this many image tokens and sampling steps (its family says how: SD3.x 3.0,
+    FLUX.1 and Qwen-Image resolution-dependent, FLUX.2 also step-dependent; models/<family>/__init__.py)."""
+    from megatron_senseflow.models import family_of
 
-
-def default_shift(family: str, num_image_tokens: int) -> float:
-    return math.exp(flux_mu(num_image_tokens)) if family == "flux" else 3.0
+    return family_of(arch).default_shift(arch, num_image_tokens, num_steps)
 
 
 def anchors(num_steps: int, m: float) -> list[float]:
@@ -52,12 +51,12 @@ def anchors(num_steps: int, m: float) -> list[float]:
     return [float(shift(1 - k / num_steps, m)) for k in range(num_steps)]
 
 
-def student_anchors(num_steps: int, shift_m: float | None, family: str, num_image_tokens: int,
+def student_anchors(num_steps: int, shift_m: float | None, arch, num_image_tokens: int,
                     rounding: str = "none") -> list[float]:
     """The run's anchors: `anchors` at the given shift (None = the family default at this resolution), then
     'floor_1000' truncates each to a multiple of 1/1000, as the FLUX trainer's hard-coded timesteps
     (1000, 904, 759, 512 at 1024 px, from 1.0, 0.9045, 0.7595, 0.5128)."""
-    taus = anchors(num_steps, shift_m or default_shift(family, num_image_tokens))
+    taus = anchors(num_steps, shift_m or default_shift(arch, num_image_tokens, num_steps))
     if rounding == "floor_1000":
         taus = [math.floor(t * 1000 + 1e-9) / 1000 for t in taus]
     return taus

@@ -95,11 +95,9 @@ class StageShare:
 
 
 def block_kinds(arch, index: int) -> list[str]:
-    from megatron_senseflow.models.configs import FluxArch
+    from megatron_senseflow.models import family_of
 
-    if isinstance(arch, FluxArch):
-        return ["joint"] if index < arch.num_layers else ["single"]
-    return ["joint", "dual"] if index in (arch.dual_attention_layers or ()) else ["joint"]
+    return family_of(arch).block_kinds(arch, index)
 
 
 def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
@@ -149,7 +147,7 @@ def stage_activation_bytes(arch, tokens: int, batch: int, tp: int, sp: bool, ele
 
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
-    from megatron_senseflow.models.configs import FluxArch
+    from megatron_senseflow.models import family_of
     from megatron_senseflow.models.flops import image_tokens, param_count
 
     from .discriminator import CLIP_L_DIM, head_param_count
@@ -160,10 +158,11 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     t_arch, s_arch = cfg.model.teacher_arch(), cfg.model.student_arch()
     fp32 = cfg.model.params_dtype == "float32"
     elem = 4 if fp32 else 2
-    # latents: 8x VAEs for the real models (the recipes leave the VAE path to the user), the
+    # latents: the family's VAE for the real models (the recipes leave the VAE path to the user), the
     # exact 2x space-to-depth codec for pixel-space tiny models
     vae = cfg.roles.discriminator.vae
-    down = 2 if vae == "pixel" or (vae is None and cfg.model.preset.startswith("tiny")) else 8
+    pixel = vae == "pixel" or (vae is None and cfg.model.preset.startswith("tiny"))
+    down = 2 if pixel else family_of(t_arch).vae_factor(vae)
     side = cfg.data.resolution // down
     s_img = image_tokens(t_arch, side, side)
     s_txt = cfg.data.text_max_length
@@ -212,7 +211,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     if cfg.wants_discriminator() and not cfg.model.preset.startswith("tiny"):
         v = DINOV2_VITL
         num_heads = len(dc.feature_layers) + int(dc.patch_features)
-        text_dim = CLIP_L_DIM if dc.text_condition == "clip_l" else t_arch.pooled_projection_dim
+        text_dim = CLIP_L_DIM if dc.text_condition == "clip_l" else t_arch.pooled_dim
         heads = num_heads * head_param_count(v["hidden"], text_dim, dc.head_downsample)
         d_elem = 2 if dc.precision == "bf16" else 4
         # DINOv2 loads in fp32 (autocast for bf16); the VAE is loaded in D's precision
@@ -238,7 +237,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     static = sum(r.static for r in roles)
     runtime = RUNTIME_GB * GB
     total = (static + peak + runtime) * (1 + FRAGMENTATION)
-    fam = "FLUX" if isinstance(t_arch, FluxArch) else "SD3"
+    fam = t_arch.label
     header = (f"{cfg.model.preset} ({fam}, {param_count(t_arch) / 1e9:.2f} B parameters): {nodes} node(s) x "
               f"{gpus_per_node} GPUs of {gpu_mem_gb:g} GB, tp={p.tp} pp={p.pp} dp={dp}, micro-batch {mb}, "
               f"{cfg.data.resolution} px ({s_img} image + {s_txt} text tokens), {cfg.model.params_dtype} weights, "

@@ -90,22 +90,17 @@ class Probe:
     dual: int = 0
 
 
-def model_inputs(arch, batch: int, latent_side: int, text_tokens: int, dtype, device="meta"):
-    """The inputs the trainer passes a role: (args of model.forward) at latent_side x latent_side."""
-    from megatron_senseflow.models.configs import FluxArch
+def model_inputs(arch, batch: int, latent_side: int, text_tokens: int, dtype, device="meta") -> dict:
+    """The forward arguments the trainer passes a role (its family's, models/family.py) for latents of
+    latent_side x latent_side."""
+    from megatron_senseflow.models import family_of
 
-    pooled = torch.randn(batch, arch.pooled_projection_dim, device=device, dtype=dtype)
-    txt = torch.randn(batch, text_tokens, arch.joint_attention_dim, device=device, dtype=dtype)
+    x = torch.randn(batch, arch.latent_channels, latent_side, latent_side, device=device, dtype=dtype)
+    txt = torch.randn(batch, text_tokens, arch.text_dim, device=device, dtype=dtype)
+    pooled = torch.randn(batch, arch.pooled_dim, device=device, dtype=dtype)
     sigma = torch.rand(batch, device=device)
-    if isinstance(arch, FluxArch):  # packed 2x2 latent patches, as the trainer feeds FLUX
-        side = latent_side // 2
-        x = torch.randn(batch, side * side, arch.in_channels, device=device, dtype=dtype)
-        img_ids = torch.zeros(side * side, 3, device=device)
-        txt_ids = torch.zeros(text_tokens, 3, device=device)
-        guide = torch.ones(batch, device=device) if arch.guidance_embeds else None
-        return (x, txt, pooled, sigma, img_ids, txt_ids, guide)
-    x = torch.randn(batch, arch.in_channels, latent_side, latent_side, device=device, dtype=dtype)
-    return (x, txt, pooled, sigma * 1000)
+    guide = torch.ones(batch, device=device) if arch.guidance_embeds else None
+    return family_of(arch).model_inputs(arch, x, sigma, txt, pooled, guide)
 
 
 def saved_for_backward(preset: str, double: int, single: int, tp: int, recompute: str, *, batch: int = 1,
@@ -113,22 +108,17 @@ def saved_for_backward(preset: str, double: int, single: int, tp: int, recompute
                        dual: int = 0) -> Probe:
     """Bytes one trainable role's forward keeps for backward on this rank (call on every rank of a TP
     group; megatron's parallel_state must be initialised with that TP size)."""
-    from megatron_senseflow.models import build_model, transformer_config
-    from megatron_senseflow.models.configs import FluxArch, make_arch
+    from megatron_senseflow.models import build_model, family_of, transformer_config
+    from megatron_senseflow.models.configs import make_arch
 
     base = make_arch(preset)
-    depth = {"num_layers": double}
-    if isinstance(base, FluxArch):
-        depth["num_single_layers"] = single
-    elif base.dual_attention_layers:  # SD3.5 Medium (MMDiT-X): the first `dual` blocks have the second attention
-        depth["dual_attention_layers"] = tuple(range(dual))
-    arch = make_arch(preset, depth)
+    arch = family_of(base).with_depth(base, double, single, dual)
     cfg = transformer_config(arch, tp=tp, params_dtype=dtype, recompute=recompute, use_cpu_initialization=True,
                              sequence_parallel=sp)
     with torch.device("meta"):
         model = build_model(arch, cfg)
     counter = SavedBytes(model.parameters())
-    inputs = model_inputs(arch, batch, resolution // 8, text_tokens, dtype)
+    inputs = model_inputs(arch, batch, resolution // family_of(arch).vae_factor(), text_tokens, dtype)
     with flash_attention_on_meta(), _megatron_buffers_on_meta(), counter.hooks():
-        model(*inputs)
+        model(**inputs)
     return Probe(preset, double, single, tp, recompute, counter.total, sp, dual)

@@ -45,6 +45,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     from .codec import codec_factor
     from .memory_plan import plan
     from .methods import OBJECTIVES, gan_weights, isg_grid, isg_sigma
+    from .models import family_of
     from .models.flops import image_tokens
 
     p, d = cfg.parallel, cfg.distill
@@ -54,11 +55,11 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     arch = cfg.model.teacher_arch()
     vae = cfg.roles.discriminator.vae
     # a real run decodes with its pipeline's VAE (8x for FLUX and SD3.x) even when the path is still missing
-    factor = codec_factor(vae, arch.latent_channels) if vae or cfg.model.preset.startswith("tiny") else 8
+    factor = codec_factor(vae, arch) if vae or cfg.model.preset.startswith("tiny") else family_of(arch).vae_factor(None)
     side = cfg.data.resolution // factor
     tokens = image_tokens(arch, side, side)
-    shift = d.shift or flow.default_shift(arch.family, tokens)
-    taus = flow.student_anchors(d.num_steps, d.shift, arch.family, tokens, d.anchor_rounding)
+    shift = d.shift or flow.default_shift(arch, tokens, d.num_steps)
+    taus = flow.student_anchors(d.num_steps, d.shift, arch, tokens, d.anchor_rounding)
     positions = [1 - i / d.num_steps for i in range(d.num_steps)]
     method = OBJECTIVES[cfg.method]
     card: dict = {
@@ -111,6 +112,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     pl = plan(cfg, 1, world, 80.0)  # one node of `world` GPUs, 80 GB each
     card["memory_plan_gb_per_gpu"] = round(pl.total / 1e9, 1)
     card["missing"] = cfg.missing_assets()
+    card["notes"] = cfg.notes()
     return card
 
 
@@ -165,6 +167,8 @@ def render(card: dict) -> str:
                        "details and other shapes)")
     for m in card["missing"]:
         lines.append(f"  missing: {m}")
+    for m in card.get("notes", []):
+        lines.append(f"  note: {m}")
     return "\n".join(lines)
 
 

@@ -23,49 +23,31 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_senseflow.models.configs import Arch, FluxArch
-from megatron_senseflow.models.flux import image_ids, pack_latents, text_ids, unpack_latents
+from megatron_senseflow.models import family_of
+from megatron_senseflow.models.configs import Arch
 
 LossFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class Denoiser:
-    """The one place that turns (latent, sigma) into a family's model inputs and its output into velocity."""
+    """(latent, sigma) -> the model's inputs and its output -> velocity, as the architecture's family says
+    (models/family.py); every role and every sampler goes through it."""
 
     def __init__(self, arch: Arch, dtype: torch.dtype = torch.float32):
         self.arch = arch
-        self.is_flux = isinstance(arch, FluxArch)
+        self.family = family_of(arch)
         self.dtype = dtype  # of the model's weights: inputs are cast to it, velocities come back in fp32
 
     def kwargs(self, x, sigma, text, pooled, guidance=None) -> dict:
         x, text, pooled = x.to(self.dtype), text.to(self.dtype), pooled.to(self.dtype)
-        if self.is_flux:
-            h, w = x.shape[-2:]
-            kw = dict(
-                hidden_states=pack_latents(x),
-                encoder_hidden_states=text,
-                pooled_projections=pooled,
-                timestep=sigma,
-                img_ids=image_ids(h, w, x.device),
-                txt_ids=text_ids(text.shape[1], x.device),
-            )
-            if self.arch.guidance_embeds:
-                if guidance is None:
-                    raise ValueError("this FLUX model embeds guidance; pass a guidance scale per sample.")
-                kw["guidance"] = guidance
-            return kw
-        # SD3.x takes the timestep on diffusers' 0..1000 scale
-        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma * 1000,
-                    num_txt=text.shape[1])
+        return self.family.model_inputs(self.arch, x, sigma, text, pooled, guidance)
 
     def velocity(self, out, x) -> torch.Tensor:
-        if self.is_flux:
-            out = unpack_latents(out, *x.shape[-2:])
+        out = self.family.velocity(self.arch, out, x)
         return out.float() if out.dtype != torch.float32 else out
 
     def seq_length(self, x, text) -> int:
-        p = 2 if self.is_flux else self.arch.patch_size
-        return text.shape[1] + (x.shape[-2] // p) * (x.shape[-1] // p)
+        return text.shape[1] + self.family.image_tokens(self.arch, *x.shape[-2:])
 
 
 @dataclass

@@ -50,19 +50,19 @@ def load_text_encoder(spec: str, family: str, text_len: int | None):
         from .demo import digits_text
 
         return digits_text()
-    from megatron_senseflow.data.encode import TextEncoder
+    from megatron_senseflow.data.encode import text_encoder
 
-    return TextEncoder.from_pretrained(spec, family, text_len)
+    return text_encoder(spec, family, text_len)
 
 
-def load_codec(vae: str | None, text_encoder: str, latent_channels: int):
+def load_codec(vae: str | None, text_encoder: str, arch):
     from .codec import build_codec
 
     if vae is None:
         vae = "pixel" if text_encoder == "demo" else str(Path(text_encoder) / "vae")
     elif vae != "pixel" and (Path(vae) / "vae").is_dir():
         vae = str(Path(vae) / "vae")
-    return build_codec(vae, latent_channels)
+    return build_codec(vae, arch)
 
 
 def load_model(args, tp: int, pp: int):
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         module, arch = load_model(args, args.tp, args.pp)
         role = Role("sampler", arch, module)
         channels = arch.latent_channels
-        codec = load_codec(args.vae, args.text_encoder, channels).to(env.device)
+        codec = load_codec(args.vae, args.text_encoder, arch).to(env.device)
         run_cfg = training_config(args.ckpt) if args.ckpt else None
         d = run_cfg.distill if run_cfg is not None else None
         steps = args.steps or (d.num_steps if d else 4)
@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         text = load_text_encoder(args.text_encoder, arch.family, run_cfg.data.text_max_length if run_cfg else None)
         side = resolution // codec.factor
         tokens = image_tokens(arch, side, side)
-        m = args.shift or (d.shift if d else None) or flow.default_shift(arch.family, tokens)
+        m = args.shift or (d.shift if d else None) or flow.default_shift(arch, tokens, steps)
         if d is not None and steps == d.num_steps and args.shift is None:  # the anchors the student trained at
-            taus = flow.student_anchors(steps, d.shift, arch.family, tokens, d.anchor_rounding)
+            taus = flow.student_anchors(steps, d.shift, arch, tokens, d.anchor_rounding)
         else:
             taus = flow.anchors(steps, m)
         out = Path(args.out)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_senseflow.models import transformer_config
+from megatron_senseflow.models import family_of, transformer_config
 from megatron_senseflow.models.checkpoint_io import load_model
 from megatron_senseflow.models.flops import forward_flops, image_tokens
 
@@ -71,14 +71,14 @@ class Trainer:
         self.t_arch, self.s_arch = c.model.teacher_arch(), c.model.student_arch()
 
         vae_dtype = torch.bfloat16 if c.roles.discriminator.precision == "bf16" else torch.float32
-        self.codec = build_codec(c.roles.discriminator.vae, self.t_arch.latent_channels, vae_dtype).to(self.dev)
+        self.codec = build_codec(c.roles.discriminator.vae, self.t_arch, vae_dtype).to(self.dev)
         self.latent_channels, self.latent_side = self.t_arch.latent_channels, c.data.resolution // self.codec.factor
         self.num_img = image_tokens(self.t_arch, self.latent_side, self.latent_side)
         tokens = (self.num_img, c.data.text_max_length)
         self.local_batch = c.data.micro_batch_size * c.parallel.num_microbatches
         # what a person can get wrong in the config or the data is refused here, before minutes of model building
         d = c.distill
-        self.taus = flow.student_anchors(d.num_steps, d.shift, self.t_arch.family, self.num_img, d.anchor_rounding)
+        self.taus = flow.student_anchors(d.num_steps, d.shift, self.t_arch, self.num_img, d.anchor_rounding)
         method = OBJECTIVES[c.method]
         method.check(c, self.taus)
         self.data = build_data_source(c, env, self.latent_channels, self.latent_side, self.t_arch, self.dev)
@@ -203,9 +203,10 @@ class Trainer:
         dc = self.cfg.roles.discriminator
         size = dc.image_size or self.cfg.data.resolution
         projection = None
-        if dc.text_condition == "clip_l" and self.t_arch.family == "flux":
+        how = family_of(self.t_arch).clip_condition
+        if dc.text_condition == "clip_l" and how == "project":
             projection = clip_text_projection(dc.clip).to(self.dev)
-        text = TextCondition(dc.text_condition, self.t_arch.family, self.t_arch.pooled_projection_dim, projection)
+        text = TextCondition(dc.text_condition, how, self.t_arch.pooled_dim, projection)
         # every rank holds the same replicated discriminator: its init must not depend on
         # how much of the global RNG stream each rank's model stage consumed
         with torch.random.fork_rng(devices=[]):
@@ -272,6 +273,8 @@ class Trainer:
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
             for line in c.stand_ins():
                 print(f"[senseflow] stand-in: {line}", flush=True)
+            for line in c.notes():
+                print(f"[senseflow] note: {line}", flush=True)
             if self.step >= c.train.max_steps:
                 print(f"[senseflow] nothing to do: {self.out} is at step {self.step} and train.max_steps is "
                       f"{c.train.max_steps}; raise train.max_steps to train further.", flush=True)

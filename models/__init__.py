@@ -1,8 +1,9 @@
-"""The DiTs on megatron-core: FLUX.1 and SD3 / SD3.5, with local and TransformerEngine layer specs.
+"""The DiTs on megatron-core: FLUX.1, SD3 / SD3.5, Qwen-Image and FLUX.2, with local and TransformerEngine specs.
 
-`build_model(arch, config, ...)` builds this pipeline stage's part of a model;
-`transformer_config(arch, ...)` makes the megatron TransformerConfig that carries
-the parallel layout, dtype and recompute settings.
+Each family lives in its own folder and is registered once (models/registry.py, models/family.py says what a
+family answers). `build_model(arch, config, ...)` builds this pipeline stage's part of any family's model;
+`transformer_config(arch, ...)` makes the megatron TransformerConfig that carries the parallel layout, dtype
+and recompute settings.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 
 from .base import DiTBase, StageLayout
-from .configs import Arch, FluxArch, SD3Arch
+from .configs import Arch
 from .flops import block_costs
+from .registry import FAMILIES, family_of
 
-__all__ = ["build_model", "transformer_config", "stage_layout", "split_blocks", "DiTBase", "StageLayout"]
+__all__ = ["build_model", "transformer_config", "stage_layout", "split_blocks", "DiTBase", "StageLayout", "FAMILIES",
+           "family_of"]
 
 
 def transformer_config(
@@ -36,7 +39,7 @@ def transformer_config(
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
         kv_channels=arch.attention_head_dim,
-        ffn_hidden_size=4 * arch.hidden_size,
+        ffn_hidden_size=4 * arch.hidden_size,  # unused by our blocks (they size their MLPs), required by megatron
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
@@ -152,28 +155,9 @@ def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _build(arch: Arch, config: TransformerConfig, spec: str, layout: StageLayout) -> DiTBase:
-    from .specs import flux_block_specs, sd3_block_spec
+    from .specs import get_backend
 
-    if isinstance(arch, FluxArch):
-        from .flux import FluxModel
-
-        double, single = flux_block_specs(spec)
-        model = FluxModel(config, arch, double, single, layout)
-    elif isinstance(arch, SD3Arch):
-        from .sd3 import SD3Model
-
-        def block_spec(i: int):
-            return sd3_block_spec(
-                spec,
-                qk_norm=arch.qk_norm is not None,
-                context_pre_only=i == arch.num_layers - 1,
-                dual_attention=i in arch.dual_attention_layers,
-            )
-
-        model = SD3Model(config, arch, block_spec, layout)
-    else:
-        raise TypeError(f"unknown architecture {type(arch).__name__}")
-    return model
+    return family_of(arch).build(arch, config, get_backend(spec), layout)
 
 
 def _sync_pipeline_replicated(model: DiTBase) -> None:

@@ -34,7 +34,9 @@ class StageLayout:
 
 
 def packed_part_names(param: torch.Tensor) -> tuple[str, ...]:
-    return ("attn", "mlp")[: len(param.packed_split)]
+    """Names of a packed weight's parts in checkpoints (`key/<name>`): `packed_names` when the layer sets them,
+    else FLUX.1's single-block [attention | MLP] input."""
+    return getattr(param, "packed_names", None) or ("attn", "mlp")[: len(param.packed_split)]
 
 
 class DiTBase(MegatronModule):
@@ -63,14 +65,16 @@ class DiTBase(MegatronModule):
         raise NotImplementedError
 
     # ---- the output head both families share (diffusers AdaLayerNormContinuous + proj_out)
-    def init_output_head(self, out_dim: int, adaln_linear) -> None:
+    def init_output_head(self, out_dim: int, adaln_linear, bias: bool = True) -> None:
         """`norm_out` (adaLN, chunks (scale, shift)) and a zero-initialised `proj_out`, on the last stage."""
         from .layers import AdaLNModulation, replicated_linear
 
         hidden = self.config.hidden_size
-        self.norm_out = AdaLNModulation(self.config, hidden, 2, adaln_linear, sharded_tokens=False)
-        self.proj_out = replicated_linear(hidden, out_dim, self.config)
-        torch.nn.init.zeros_(self.proj_out.weight), torch.nn.init.zeros_(self.proj_out.bias)
+        self.norm_out = AdaLNModulation(self.config, hidden, 2, adaln_linear, sharded_tokens=False, bias=bias)
+        self.proj_out = replicated_linear(hidden, out_dim, self.config, bias)
+        torch.nn.init.zeros_(self.proj_out.weight)
+        if bias:
+            torch.nn.init.zeros_(self.proj_out.bias)
 
     def output_head(self, img_SBH: torch.Tensor, c_BH: torch.Tensor) -> torch.Tensor:
         """Image tokens (gathered if sequence parallel) -> per-token outputs [S, B, out_dim]."""
@@ -152,7 +156,8 @@ def local_slice(local: torch.Tensor, full: torch.Tensor, tp_rank: int, tp: int) 
 
 
 def _packed_factory(key: str, param: torch.Tensor, tp_rank: int, tp: int, replica_id) -> ShardedTensorFactory:
-    """Store [W_attn[:, r] | W_mlp[:, r]] as two TP-independent tensors `key/attn`, `key/mlp`."""
+    """Store a packed weight's per-rank parts (e.g. [W_attn[:, r] | W_mlp[:, r]]) as TP-independent tensors
+    `key/<part>` (`key/attn`, `key/mlp`)."""
     axis = param.partition_dim
     local_sizes = [s // tp for s in param.packed_split]
     names = packed_part_names(param)

@@ -58,7 +58,7 @@ class MMDiTBlock(MegatronModule):
             build_module(s.mlp_context, config=config, hidden=hidden, ffn_hidden=4 * hidden) if not context_pre_only else None
         )
 
-    def forward(self, img_SBH, txt_SBH, c_BH, rope=None):
+    def forward(self, img_SBH, txt_SBH, c_BH, rope=None, mask=None):
         mods = self.adaln(c_BH)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         img_norm = layer_norm(img_SBH)
@@ -69,7 +69,7 @@ class MMDiTBlock(MegatronModule):
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.adaln_context(c_BH)
             txt_in = modulate(layer_norm(txt_SBH), c_shift_msa, c_scale_msa)
 
-        attn_img, attn_txt = self.attention(modulate(img_norm, shift_msa, scale_msa), txt_in, rope)
+        attn_img, attn_txt = self.attention(modulate(img_norm, shift_msa, scale_msa), txt_in, rope, mask=mask)
         img = img_SBH + gate_msa[None] * attn_img
         if self.dual:
             shift2, scale2, gate2 = mods[6:]

@@ -59,14 +59,29 @@ def read_meta(directory: str | Path) -> dict:
             f"{directory} is not a senseflow model checkpoint (no {META_NAME}); "
             "convert diffusers weights with `senseflow convert import` first."
         )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')}, this build reads format {FORMAT}.")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); the checkpoint is damaged: convert or save it again.") \
+            from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} has format {found}, this build reads format {FORMAT}.")
     return meta
 
 
 def checkpoint_arch(directory: str | Path) -> Arch:
-    return arch_from_dict(read_meta(directory)["arch"])
+    """The architecture a role checkpoint records (the one reader of senseflow_model.json, with its checks)."""
+    from .configs import ArchError
+
+    meta = read_meta(directory)
+    try:
+        return arch_from_dict(meta["arch"])
+    except ArchError as e:
+        raise CheckpointError(f"{Path(directory) / META_NAME}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory) / META_NAME} does not describe an architecture ({e!r}); the "
+                              "checkpoint is damaged: convert or save it again.") from None
 
 
 def check_arch(directory: str | Path, arch: Arch, allow_guidance_drop: bool = False) -> None:

@@ -52,21 +52,28 @@ def replicated_linear(in_features: int, out_features: int, config: TransformerCo
 # --------------------------------------------------------------------------- embeddings
 
 
-def timestep_embedding(t_B: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding, cos first (diffusers Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0))."""
+def timestep_embedding(t_B: torch.Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1.0,
+                       freq_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sinusoidal embedding, cos first (diffusers Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0, scale)).
+    `scale` multiplies the angles after the frequencies, as diffusers does (Qwen-Image passes sigma with scale
+    1000; FLUX scales the timestep itself before); `freq_dtype` rounds the frequencies first, as diffusers does
+    to the timestep's dtype."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half
-    args = t_B[:, None].float() * torch.exp(exponent)[None, :]
+    freqs = torch.exp(exponent) if freq_dtype is None else torch.exp(exponent).to(freq_dtype)
+    args = t_B[:, None].float() * freqs[None, :]
+    if scale != 1.0:
+        args = scale * args
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class MLPEmbedder(torch.nn.Module):
     """linear -> SiLU -> linear (diffusers TimestepEmbedding / PixArtAlphaTextProjection with act silu)."""
 
-    def __init__(self, in_features: int, hidden: int, config: TransformerConfig):
+    def __init__(self, in_features: int, hidden: int, config: TransformerConfig, bias: bool = True):
         super().__init__()
-        self.linear_1 = replicated_linear(in_features, hidden, config)
-        self.linear_2 = replicated_linear(hidden, hidden, config)
+        self.linear_1 = replicated_linear(in_features, hidden, config, bias)
+        self.linear_2 = replicated_linear(hidden, hidden, config, bias)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -172,7 +179,8 @@ class AdaLNModulation(MegatronModule):
     """
 
     def __init__(
-        self, config: TransformerConfig, hidden: int, num_chunks: int, linear: ModuleSpec | type, sharded_tokens: bool | None = None
+        self, config: TransformerConfig, hidden: int, num_chunks: int, linear: ModuleSpec | type,
+        sharded_tokens: bool | None = None, bias: bool = True,
     ):
         super().__init__(config)
         self.num_chunks = num_chunks
@@ -183,7 +191,7 @@ class AdaLNModulation(MegatronModule):
             num_chunks * hidden,
             config=no_sp(config),
             init_method=zeros_init,
-            bias=True,
+            bias=bias,
             gather_output=True,
             skip_bias_add=False,
         )
@@ -198,17 +206,22 @@ class AdaLNModulation(MegatronModule):
 # --------------------------------------------------------------------------- attention
 
 
+def sdpa(q_SBND, k_SBND, v_SBND, mask_BS=None):
+    """softmax(QK^T / sqrt(D)) V with torch SDPA; `mask_BS` (bool, True = attend) hides padded keys."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBND, k_SBND, v_SBND))
+    o_BNSD = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask_BS is None else mask_BS[:, None, None, :])
+    o = o_BNSD.permute(2, 0, 1, 3)
+    return o.reshape(o.shape[0], o.shape[1], -1)
+
+
 class SDPAttention(torch.nn.Module):
     """Non-causal attention core on q/k/v_SBND with torch SDPA (the `local` spec)."""
 
     def __init__(self, config: TransformerConfig, **kwargs):
         super().__init__()
 
-    def forward(self, q_SBND, k_SBND, v_SBND):
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBND, k_SBND, v_SBND))
-        o_BNSD = F.scaled_dot_product_attention(q, k, v)
-        o = o_BNSD.permute(2, 0, 1, 3)
-        return o.reshape(o.shape[0], o.shape[1], -1)
+    def forward(self, q_SBND, k_SBND, v_SBND, mask_BS=None):
+        return sdpa(q_SBND, k_SBND, v_SBND, mask_BS)
 
 
 @dataclass
@@ -237,7 +250,8 @@ class JointAttention(MegatronModule):
     per head, so a contiguous TP chunk is a set of whole heads).
     """
 
-    def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, hidden: int, num_heads: int, head_dim: int):
+    def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, hidden: int, num_heads: int, head_dim: int,
+                 bias: bool = True, eps: float = 1e-6):
         super().__init__(config)
         tp = config.tensor_model_parallel_size
         self.head_dim = head_dim
@@ -246,18 +260,18 @@ class JointAttention(MegatronModule):
 
         def col(spec):
             return build_module(
-                spec, hidden, 3 * inner, config=config, init_method=config.init_method, bias=True,
+                spec, hidden, 3 * inner, config=config, init_method=config.init_method, bias=bias,
                 gather_output=False, skip_bias_add=False, is_expert=False,
             )
 
         def row(spec):
             return build_module(
-                spec, inner, hidden, config=config, init_method=config.output_layer_init_method, bias=True,
+                spec, inner, hidden, config=config, init_method=config.output_layer_init_method, bias=bias,
                 input_is_parallel=True, skip_bias_add=False, is_expert=False,
             )
 
         def norm(spec):
-            return build_module(spec, head_dim, config=config) if spec is not None else None
+            return build_module(spec, head_dim, config=config, eps=eps) if spec is not None else None
 
         s = submodules
         self.linear_qkv = col(s.linear_qkv)
@@ -277,18 +291,23 @@ class JointAttention(MegatronModule):
             q, k = q_norm(q), k_norm(k)
         return q, k, v
 
-    def _core(self, q, k, v):
+    def _core(self, q, k, v, mask=None):
+        if mask is None:  # no key mask: the attention core's own calling convention (TE's too)
+            if self.recompute_core and torch.is_grad_enabled():
+                return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
+            return self.core_attention(q, k, v)
         if self.recompute_core and torch.is_grad_enabled():
-            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
-        return self.core_attention(q, k, v)
+            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v, mask)
+        return self.core_attention(q, k, v, mask)
 
-    def forward(self, x_SBH, ctx_SBH=None, rope=None, perm=None):
+    def forward(self, x_SBH, ctx_SBH=None, rope=None, perm=None, mask=None):
         """Returns (image/joint output, text output or None).
 
         `perm` (sequence parallel only): the order in which the gathered joint
         sequence arrives; q/k/v are put back in natural order for RoPE and the
         output returned in the gathered order, which the row-parallel
-        reduce-scatter maps back to this rank's tokens.
+        reduce-scatter maps back to this rank's tokens. `mask` [B, S] (bool, True =
+        attend, natural order of the joint sequence) hides padded text tokens as keys.
         """
         q, k, v = self._qkv(self.linear_qkv, self.q_layernorm, self.k_layernorm, x_SBH)
         num_ctx = 0
@@ -301,7 +320,7 @@ class JointAttention(MegatronModule):
             q, k, v = q[inv], k[inv], v[inv]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = self._core(q, k, v)
+        o = self._core(q, k, v, mask)
         if perm is not None:
             o = o[perm]
         ctx_out = None
@@ -351,6 +370,13 @@ class MLP(MegatronModule):
 def maybe_checkpoint(config: TransformerConfig, fn: Callable, *tensors):
     """Full activation recompute of one block when config asks for it (grad mode only)."""
     if config.recompute_granularity == "full" and torch.is_grad_enabled():
+        if not any(t.requires_grad for t in tensors if t is not None):
+            # A frozen base with LoRA adapters: nothing before the first block is trainable, so no input of the
+            # block needs a gradient, and megatron's (reentrant) checkpoint would return an output without a
+            # graph: the adapters inside would never see their backward. A leaf that asks for a gradient keeps
+            # the graph; the extra input gradient is one block's worth, once per forward. Models whose
+            # embedders train (every full fine-tuning run) never take this branch.
+            tensors = (tensors[0].detach().requires_grad_(True), *tensors[1:])
         if config.fp8:
             # TE's checkpoint replays the FP8 scaling state of the first pass in the
             # recompute; the plain one would update delayed-scaling amaxes twice

@@ -31,7 +31,8 @@ from megatron.core import parallel_state as ps
 
 # which linears a target name covers (the last component of the module path)
 TARGETS = {
-    "qkv": ("linear_qkv", "linear_added_qkv"),
+    # FLUX.2's single block fuses the QKV and the MLP's input in one linear (diffusers to_qkv_mlp_proj): one adapter
+    "qkv": ("linear_qkv", "linear_added_qkv", "linear_qkv_mlp"),
     "proj": ("linear_proj", "linear_added_proj"),  # FLUX single block: diffusers proj_out, [attention | MLP] -> H
     "mlp": ("linear_fc1", "linear_fc2", "linear_mlp_fc1"),
 }
@@ -71,12 +72,16 @@ class LoRA(torch.nn.Module):
             self.B = torch.nn.Parameter(torch.zeros(out_local, rank, **kw))
             _set_tp(self.A, False)
             _set_tp(self.B, True, 0)
+            if getattr(w, "packed_split", None):  # B's rows are split like the weight's (FLUX.2's fused input)
+                self.B.packed_split = w.packed_split
+                self.B.packed_names = getattr(w, "packed_names", None)
         else:
             self.A = torch.nn.Parameter(torch.zeros(rank, in_local, **kw))
             self.B = torch.nn.Parameter(torch.zeros(out_local, rank, **kw))
             _set_tp(self.A, True, 1)
             if getattr(w, "packed_split", None):
-                self.A.packed_split = w.packed_split  # the FLUX single block's [attention | MLP] input
+                self.A.packed_split = w.packed_split  # the single blocks' [attention | MLP] input
+                self.A.packed_names = getattr(w, "packed_names", None)
             _set_tp(self.B, False)
         for p in (self.A, self.B):  # placed by PP like their layer (not replicated over stages)
             p.pipeline_parallel = getattr(w, "pipeline_parallel", False)

@@ -7,13 +7,15 @@ Two backends, chosen by name, never by branches in forward code:
   capable) and TEDotProductAttention. Import-guarded; GPU only.
 
 How each layer is split (read top to bottom):
-    adaLN modulation (adaln, adaln_context, norm_out)  column-parallel, output gathered
+    adaLN modulation (adaln, adaln_context, norm_out,  column-parallel, output gathered
+      FLUX.2's shared stream modulations)
     QKV (linear_qkv, linear_added_qkv)                 column-parallel, rows per head -> heads split
+    FLUX.2 single block linear_qkv_mlp                  column-parallel over [QKV per head | gate | up] (packed)
     QK RMS-norm                                         replicated (acts on head_dim), grads summed over TP
     attention core                                      local heads only
     attention out (linear_proj, linear_added_proj)     row-parallel
-    MLP fc1 / fc2                                       column- / row-parallel
-    FLUX single block linear_proj                       row-parallel over [attn heads | MLP cols] (packed)
+    MLP fc1 / fc2                                       column- / row-parallel (FLUX.2's SwiGLU fc1 packed [gate | up])
+    single blocks' linear_proj                          row-parallel over [attn heads | MLP cols] (packed)
     embedders, proj_out, SD3 patch embed                replicated (small, or per sample)
 The adaLN linears stay on megatron's own ColumnParallelLinear in both
 backends: TE's column linear cannot gather its output, and these GEMMs have
@@ -64,10 +66,12 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown layer spec {name!r}; use 'local' or 'te'.")
 
 
-def attention_spec(b: Backend, *, joint: bool, qk_norm: bool, out_proj: bool = True, context_out_proj: bool = True) -> ModuleSpec:
+def attention_spec(b: Backend, *, joint: bool, qk_norm: bool, out_proj: bool = True, context_out_proj: bool = True,
+                   bias: bool = True) -> ModuleSpec:
     norm = b.qk_norm if qk_norm else None
     return ModuleSpec(
         module=JointAttention,
+        params={"bias": bias},
         submodules=AttentionSubmodules(
             linear_qkv=b.column,
             core_attention=b.core_attention,
@@ -113,11 +117,3 @@ def flux_single_block_spec(b: Backend) -> ModuleSpec:
     )
 
 
-def flux_block_specs(backend: str) -> tuple[ModuleSpec, ModuleSpec]:
-    """(double block, single block) specs of FLUX."""
-    b = get_backend(backend)
-    return mmdit_block_spec(b, qk_norm=True), flux_single_block_spec(b)
-
-
-def sd3_block_spec(backend: str, *, qk_norm: bool, context_pre_only: bool, dual_attention: bool) -> ModuleSpec:
-    return mmdit_block_spec(get_backend(backend), qk_norm=qk_norm, context_pre_only=context_pre_only, dual_attention=dual_attention)

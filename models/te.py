@@ -16,7 +16,14 @@ class TECoreAttention(TEDotProductAttention):
     def __init__(self, config, **kwargs):
         super().__init__(config=config, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
 
-    def forward(self, q_SBND, k_SBND, v_SBND):
+    def forward(self, q_SBND, k_SBND, v_SBND, mask_BS=None):
+        if mask_BS is not None:
+            # a key mask in the middle of the joint sequence (Qwen-Image's padded text before the image tokens):
+            # TE's padding masks take trailing padding only, so this call runs torch SDPA (its memory-efficient
+            # kernel on GPU); the TE linears around it keep their FP8 GEMMs
+            from .layers import sdpa
+
+            return sdpa(q_SBND, k_SBND, v_SBND, mask_BS)
         # q/k/v arrive as strided views of the fused QKV output; TE's fused kernels want dense sbhd
         q_SBND, k_SBND, v_SBND = q_SBND.contiguous(), k_SBND.contiguous(), v_SBND.contiguous()
         out = super().forward(q_SBND, k_SBND, v_SBND, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)

@@ -248,7 +248,9 @@ def authors_iteration(args, device) -> float:
     s_txt = 16 if args.dry_run else 512
     c_lat = a["in_channels"] // 4
     img_ids, txt_ids = image_ids(side, side, device), text_ids(s_txt, device)
-    taus = flow.anchors(4, flow.default_shift("flux", (side // 2) ** 2))
+    from megatron_senseflow.models.configs import make_arch
+
+    taus = flow.anchors(4, flow.default_shift(make_arch("flux-student"), (side // 2) ** 2, 4))
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def velocity(model, x, sigma, text, pooled, guidance=None):

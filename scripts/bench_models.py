@@ -36,13 +36,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args()
 
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import diffusers
 
     from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import init_distributed
-    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models import build_model, family_of, hf_mapping, transformer_config
     from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
-    from megatron_senseflow.models.flux import image_ids, text_ids
 
     env = init_distributed(ParallelConfig())
     if env.device.type == "cpu":
@@ -56,49 +55,43 @@ def main() -> None:
             make_arch("tiny-flux", dict(num_layers=3, num_single_layers=6, num_attention_heads=6,
                                          attention_head_dim=64, joint_attention_dim=256, pooled_projection_dim=128,
                                          axes_dims_rope=(16, 24, 24))),
-            FluxTransformer2DModel,
         ),
         "sd3.5-medium-like (6 blocks, 3 dual, h=384, 256+64 tokens)": (
             make_arch("tiny-sd3", dict(num_layers=6, num_attention_heads=6, attention_head_dim=64,
                                         caption_projection_dim=384, joint_attention_dim=256, pooled_projection_dim=128,
                                         in_channels=16, out_channels=16, sample_size=32, pos_embed_max_size=32,
                                         dual_attention_layers=(0, 1, 2))),
-            SD3Transformer2DModel,
         ),
     }
     b, ntxt, lat = args.batch, 64, 32
     print(f"device={dev.type} dtype={args.dtype} batch={b} iters={args.iters} threads={torch.get_num_threads()}")
-    for name, (arch, cls) in cases.items():
+    for name, (arch,) in cases.items():
+        cls = getattr(diffusers, arch.diffusers_class)
+        fam = family_of(arch)
         torch.manual_seed(0)
         ref = cls(**{k: v for k, v in arch_to_diffusers_config(arch).items() if k != "_class_name"}).to(dev, dtype)
         ours = build_model(arch, transformer_config(arch, params_dtype=dtype)).to(dev)
         sd = ref.state_dict()
         ours.local_from_canonical(dict(hf_mapping.hf_to_ours(arch, sd.__getitem__)))
-        g = torch.Generator().manual_seed(1)
-        text = torch.randn(b, ntxt, arch.joint_attention_dim, generator=g).to(dev, dtype)
-        pooled = torch.randn(b, arch.pooled_projection_dim, generator=g).to(dev, dtype)
-        if arch.family == "flux":
-            x = torch.randn(b, (lat // 2) ** 2, arch.in_channels, generator=g).to(dev, dtype)
-            kw = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
-                      timestep=torch.rand(b).to(dev), img_ids=image_ids(lat, lat, dev), txt_ids=text_ids(ntxt, dev),
-                      guidance=torch.full((b,), 3.5, device=dev))
-        else:
-            x = torch.randn(b, arch.in_channels, lat, lat, generator=g).to(dev, dtype)
-            kw = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
-                      timestep=torch.rand(b).to(dev) * 1000)
+        ref_kw = fam.reference_inputs(arch, b, (lat, lat), ntxt, torch.Generator().manual_seed(1), 3.5)
+        ref_kw = {k: (v.to(dev, dtype) if torch.is_tensor(v) and v.dtype.is_floating_point
+                      and k not in fam.per_sample_keys() else v.to(dev) if torch.is_tensor(v) else v)
+                  for k, v in ref_kw.items()}
+        kw = fam.our_inputs(arch, ref_kw, ntxt)
 
         def step_ref():
             # diffusers runs as plain torch: outside the CPU harness's function mode
             with suspended():
                 ref.zero_grad(set_to_none=True)
-                ref(**kw).sample.float().square().mean().backward()
+                ref(**ref_kw).sample.float().square().mean().backward()
 
         def step_ours():
             ours.zero_grad(set_to_none=True)
             ours(**kw).float().square().mean().backward()
 
         with torch.no_grad():
-            err = (ours(**kw).float() - ref(**kw).sample.float()).norm() / ref(**kw).sample.float().norm()
+            want = ref(**ref_kw).sample.float()
+            err = (ours(**kw).float() - want).norm() / want.norm()
         t_ref, t_ours = _time(step_ref, args.iters), _time(step_ours, args.iters)
         print(f"{name}: diffusers {t_ref * 1e3:.1f} ms, ours {t_ours * 1e3:.1f} ms, "
               f"ratio diffusers/ours = {t_ref / t_ours:.2f} (output rel err {err:.1e})")

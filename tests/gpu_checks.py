@@ -27,7 +27,7 @@ def _inputs(arch, device, seed=0):
     from megatron_senseflow.roles import Denoiser
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    c = arch.in_channels // 4 if arch.family == "flux" else arch.in_channels
+    c = arch.latent_channels
     x = torch.randn(2, c, 32, 32, generator=g).to(device)
     text = torch.randn(2, 16, arch.joint_attention_dim, generator=g).to(device)
     pooled = torch.randn(2, arch.pooled_projection_dim, generator=g).to(device)

@@ -130,7 +130,7 @@ def test_flux_recipe_anchors_are_the_papers_at_1024px():
     cfg = load_config("flux_dev")
     arch = cfg.model.teacher_arch()
     side = cfg.data.resolution // 8  # FLUX VAE downsamples by 8
-    m = cfg.distill.shift or flow.default_shift(arch.family, image_tokens(arch, side, side))
+    m = cfg.distill.shift or flow.default_shift(arch, image_tokens(arch, side, side), cfg.distill.num_steps)
     assert flow.anchors(cfg.distill.num_steps, m) == pytest.approx([1.0, 0.904, 0.759, 0.512], abs=1e-3)  # the paper truncates to 3 digits
 
 

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from megatron_senseflow import flow, losses
+from megatron_senseflow.models.configs import make_arch
 from megatron_senseflow.sampling import sample_euler, sample_student
 
 
 def test_paper_flux_anchors_come_from_the_shift_formula():
-    m = flow.default_shift("flux", 4096)  # 1024 px: 64 x 64 packed tokens
+    m = flow.default_shift(make_arch("flux-dev"), 4096, 4)  # 1024 px: 64 x 64 packed tokens
     assert m == pytest.approx(math.exp(1.15))
     # the paper prints them truncated to 3 decimals
     assert [math.floor(a * 1000) / 1000 for a in flow.anchors(4, m)] == [1.0, 0.904, 0.759, 0.512]
-    assert flow.default_shift("flux", 256) == pytest.approx(math.exp(0.5))
+    assert flow.default_shift(make_arch("flux-dev"), 256, 4) == pytest.approx(math.exp(0.5))
     assert flow.anchors(4, 3.0) == pytest.approx([1.0, 0.9, 0.75, 0.5])  # SD3.x, shift 3
 
 

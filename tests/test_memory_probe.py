@@ -34,7 +34,7 @@ def _real_vs_meta(env):
         counter = SavedBytes(model.parameters())
         inputs = model_inputs(arch, 2, 32, 24, torch.bfloat16, device=device)
         with flash_attention_on_meta(), counter.hooks():
-            model(*inputs)
+            model(**inputs)
         out.append([(tuple(b.shape), str(b.dtype), b.untyped_storage().nbytes()) for b in counter.bases])
     return out
 

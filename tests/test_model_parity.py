@@ -27,17 +27,20 @@ VARIANTS = {
     "sd35-medium": ("tiny-sd3", {"num_layers": 4, "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"}),
     "sd35-large": ("tiny-sd3", {"num_layers": 4, "dual_attention_layers": (), "qk_norm": "rms_norm"}),
     "sd3-medium": ("tiny-sd3", {"num_layers": 3, "dual_attention_layers": (), "qk_norm": None}),
+    "qwen-image": ("tiny-qwen-image", {"num_layers": 3}),
+    "flux2-dev": ("tiny-flux2", {"num_layers": 2, "num_single_layers": 2}),
+    "flux2-klein": ("tiny-flux2-klein", {"num_layers": 2, "num_single_layers": 2}),
 }
 
 
 def reference(variant: str, seed: int = 0):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import diffusers
 
     from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
 
     preset, over = VARIANTS[variant]
     arch = make_arch(preset, over)
-    cls = FluxTransformer2DModel if arch.family == "flux" else SD3Transformer2DModel
+    cls = getattr(diffusers, arch.diffusers_class)
     kwargs = {k: v for k, v in arch_to_diffusers_config(arch).items() if k != "_class_name"}
     torch.manual_seed(seed)
     ref = cls(**kwargs)
@@ -55,8 +58,11 @@ def inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int
     return random_inputs(arch, batch, latent_hw, num_txt, seed, guidance=None)
 
 
-def microbatches(batch: dict, n: int) -> list[dict]:
-    per = {k: v for k, v in batch.items() if k in ("img_ids", "txt_ids")}
+def microbatches(batch: dict, n: int, arch) -> list[dict]:
+    """n microbatches of a batch of diffusers inputs; what the batch shares (position ids) goes to each whole."""
+    from megatron_senseflow.models import family_of
+
+    per = {k: v for k, v in batch.items() if k in family_of(arch).per_sample_keys()}
     out = []
     for i in range(n):
         mb = dict(per)
@@ -67,12 +73,12 @@ def microbatches(batch: dict, n: int) -> list[dict]:
     return out
 
 
-def reference_backward(ref, batch: dict, num_mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_backward(ref, batch: dict, num_mb: int, arch) -> tuple[torch.Tensor, torch.Tensor]:
     """The diffusers model's outputs and grads under the schedule's loss (<out, head> averaged over
     microbatches); returns (head, outputs)."""
     head = torch.randn(ref(**batch).sample.shape, generator=torch.Generator().manual_seed(9))
     ref_out = []
-    for i, mb in enumerate(microbatches(batch, num_mb)):
+    for i, mb in enumerate(microbatches(batch, num_mb, arch)):
         out = ref(**mb).sample
         ref_out.append(out.detach())
         ((out * head.chunk(num_mb)[i]).sum() / num_mb).backward()
@@ -82,21 +88,24 @@ def reference_backward(ref, batch: dict, num_mb: int) -> tuple[torch.Tensor, tor
 def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_split=None, recompute="none"):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_senseflow.models import build_model, hf_mapping, transformer_config
+    from megatron_senseflow.models import build_model, family_of, hf_mapping, transformer_config
     from megatron_senseflow.models.base import local_slice
 
     arch, ref = reference(variant)
     batch, num_mb = inputs(arch, 2, latent_hw, num_txt), 2
-    head, ref_out = reference_backward(ref, batch, num_mb)
+    head, ref_out = reference_backward(ref, batch, num_mb, arch)
     ref_params = dict(ref.named_parameters())
-    ref_grads = dict(hf_mapping.hf_to_ours(arch, lambda k: ref_params[k].grad if k in ref_params else torch.zeros(1)))
+    # a parameter the output does not depend on (the text stream of Qwen-Image's last block) has no gradient
+    ref_grads = dict(hf_mapping.hf_to_ours(arch, lambda k: (ref_params[k].grad if ref_params[k].grad is not None
+                                                           else torch.zeros_like(ref_params[k]))
+                                           if k in ref_params else torch.zeros(1)))
 
     cfg = transformer_config(arch, tp=env.tp, pp=env.pp, sequence_parallel=sequence_parallel, recompute=recompute)
-    model = build_model(arch, cfg, tokens=(latent_hw[0] * latent_hw[1] // 4, num_txt), pp_split=pp_split)
+    model = build_model(arch, cfg, tokens=(family_of(arch).image_tokens(arch, *latent_hw), num_txt), pp_split=pp_split)
     ref_sd = ref.state_dict()
     model.local_from_canonical(dict(hf_mapping.hf_to_ours(arch, ref_sd.__getitem__)))
 
-    mbs = microbatches(batch, num_mb)
+    mbs = microbatches(batch, num_mb, arch)
     heads = head.chunk(num_mb)
     outputs = []
 
@@ -107,11 +116,9 @@ def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_s
 
     def forward_step(it, m):
         i, mb = next(it)
-        if arch.family == "sd3":
-            mb = {**mb, "num_txt": num_txt}
-        return m(**mb), partial(loss_func, i)
+        return m(**family_of(arch).our_inputs(arch, mb, num_txt)), partial(loss_func, i)
 
-    seq = num_txt + (latent_hw[0] * latent_hw[1] // 4)
+    seq = num_txt + family_of(arch).image_tokens(arch, *latent_hw)
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(list(enumerate(mbs))),
@@ -125,6 +132,8 @@ def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_s
 
     # the trainer's DDP path calls finalize_model_grads; without DDP, run its reductions on .grad
     for p in model.parameters():
+        if p.grad is None:  # a stage without blocks of a kind leaves FLUX.2's shared modulation of that kind unused
+            p.grad = torch.zeros_like(p)
         p.main_grad = p.grad
     model.ddp_config = type("C", (), {"use_megatron_fsdp": False})()
     _allreduce_conditional_embedding_grads([model], cfg)
@@ -136,7 +145,8 @@ def _parity_body(env, variant, latent_hw, num_txt, sequence_parallel=False, pp_s
     for name, p in model.named_parameters():
         key = model.global_name(name)
         want = local_slice(p, ref_grads[key], env.tp_rank, env.tp)
-        res["grads"][key] = ((p.grad - want).norm() / want.norm().clamp_min(1e-12)).item()
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        res["grads"][key] = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
     return res
 
 
@@ -164,33 +174,46 @@ LAYOUTS = {  # name -> (world, tp, pp)
 }
 
 
-# sd3-medium differs from sd35-large only by the QK-norm, so its PP layouts add nothing
-CASES = [(v, lay) for v in VARIANTS for lay in LAYOUTS if not (v == "sd3-medium" and lay.startswith(("pp", "tp2pp")))]
+def latent_for(variant: str, sequence_parallel: bool = False) -> tuple[int, int]:
+    if VARIANTS[variant][0] == "tiny-sd3":
+        return (8, 12) if sequence_parallel else (6, 10)
+    return (6, 8)
 
 
-@pytest.mark.parametrize("variant,layout", CASES)
-def test_parity_with_diffusers(variant, layout):
+def _many(env, cases: list[tuple]) -> dict:
+    """Several parity checks in one launch (the processes and imports are the slow part on 2 cores)."""
+    return {name: _parity_body(env, variant, latent_for(variant, kw.get("sequence_parallel", False)), num_txt, **kw)
+            for name, variant, num_txt, kw in cases}
+
+
+def run_cases(world: int, cases: list[tuple], **layout) -> None:
+    per_rank = run_distributed(_many, world, cases, **layout)
+    for name, variant, *_ in cases:
+        check([r[name] for r in per_rank], variant)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parity_with_diffusers(layout):
+    """Every variant at one layout in one launch; sd3-medium differs from sd35-large only by the QK-norm, so its
+    PP layouts add nothing."""
     world, tp, pp = LAYOUTS[layout]
-    latent = (6, 10) if VARIANTS[variant][0] == "tiny-sd3" else (6, 8)
-    results = run_distributed(_parity_body, world, variant, latent, 7, tp=tp, pp=pp)
-    check(results, variant)
+    cases = [(v, v, 7, {}) for v in VARIANTS if not (v == "sd3-medium" and layout.startswith(("pp", "tp2pp")))]
+    run_cases(world, cases, tp=tp, pp=pp)
 
 
-@pytest.mark.parametrize("variant", ["flux-dev", "sd35-medium"])
-def test_sequence_parallel_tp2(variant):
-    latent = (8, 12) if VARIANTS[variant][0] == "tiny-sd3" else (6, 8)
-    results = run_distributed(_parity_body, 2, variant, latent, 6, sequence_parallel=True, tp=2)
-    check(results, variant)
+def test_sequence_parallel_recompute_and_explicit_splits():
+    """TP=2 with sequence parallel (every stream layout: FLUX.1's and FLUX.2's single blocks, SD3.5's MMDiT-X,
+    Qwen-Image's masked text) and with activation recompute."""
+    sp = {"sequence_parallel": True}
+    cases = [(f"sp-{v}", v, 6, sp) for v in ("flux-dev", "sd35-medium", "qwen-image", "flux2-dev")]
+    cases += [(f"{v}-{r}", v, 7, {"recompute": r}) for v, r in (("flux-dev", "full"), ("sd35-medium", "full"),
+                                                              ("flux-dev", "selective"), ("qwen-image", "full"),
+                                                              ("flux2-dev", "full"), ("flux2-dev", "selective"))]
+    run_cases(2, cases, tp=2)
 
 
 def test_explicit_pipeline_split_inside_double_blocks():
-    # stage 0: double blocks 0-1; stage 1: double block 2 + both single blocks
-    results = run_distributed(_parity_body, 2, "flux-dev", (6, 8), 7, pp_split=[2, 3], pp=2)
-    check(results, "flux-dev")
-
-
-@pytest.mark.parametrize("variant,recompute", [("flux-dev", "full"), ("sd35-medium", "full"), ("flux-dev", "selective")])
-def test_activation_recompute_keeps_outputs_and_grads(variant, recompute):
-    latent = (6, 10) if VARIANTS[variant][0] == "tiny-sd3" else (6, 8)
-    results = run_distributed(_parity_body, 2, variant, latent, 7, recompute=recompute, tp=2)
-    check(results, variant)
+    # stage 0: double blocks 0-1; stage 1: double block 2 + both single blocks (FLUX.2: stage 1 has one double
+    # block and both single ones, so both stages hold and use shared modulations of different kinds)
+    run_cases(2, [("flux-dev", "flux-dev", 7, {"pp_split": [2, 3]}), ("flux2", "flux2-dev", 7, {"pp_split": [1, 3]})],
+              pp=2)

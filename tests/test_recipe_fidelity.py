@@ -19,6 +19,7 @@ from megatron_senseflow import flow
 from megatron_senseflow.config import load_config
 from megatron_senseflow.methods import draw_sigma, gan_weights, isg_grid, isg_t_mid
 from megatron_senseflow.recipe_card import QUANTILES, _Draws
+from megatron_senseflow.models.configs import make_arch
 
 N = 200_000
 
@@ -99,7 +100,7 @@ def test_sid_timesteps_are_sigmoid_of_a_normal_log2_1p6():
 def _anchors(recipe: str):
     cfg = load_config(recipe)
     d = cfg.distill
-    taus = flow.student_anchors(d.num_steps, d.shift, "flux", 4096, d.anchor_rounding)  # 1024 px: 64 x 64 tokens
+    taus = flow.student_anchors(d.num_steps, d.shift, make_arch("flux-dev"), 4096, d.anchor_rounding)  # 1024 px: 64 x 64 tokens
     return cfg, taus, [1 - i / d.num_steps for i in range(d.num_steps)]
 
 
@@ -305,9 +306,9 @@ def test_text_condition_is_clip_l_encode_text_from_what_the_batch_carries(tmp_pa
         out = clip(ids)
         pooler = clip.text_model(ids).pooler_output
     encode_text = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
-    flux = TextCondition("clip_l", "flux", 768, clip_text_projection(str(tmp_path / "clip")))
+    flux = TextCondition("clip_l", "project", 768, clip_text_projection(str(tmp_path / "clip")))
     assert torch.allclose(flux(pooler), encode_text, atol=1e-5)
-    sd3 = TextCondition("clip_l", "sd3", 2048)
+    sd3 = TextCondition("clip_l", "slice", 2048)
     assert torch.allclose(sd3(torch.cat([out.text_embeds, torch.randn(2, 1280)], dim=1)), encode_text, atol=1e-6)
 
 

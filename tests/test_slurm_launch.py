@@ -43,11 +43,11 @@ def _command_words(script: str) -> list[str]:
 def _teacher(root: Path, preset: str) -> Path:
     import json
 
-    from megatron_senseflow.models.configs import PRESETS, arch_to_dict
+    from megatron_senseflow.models.configs import arch_to_dict, presets
 
     d = root / "teachers" / preset
     d.mkdir(parents=True, exist_ok=True)
-    (d / "senseflow_model.json").write_text(json.dumps({"format": 1, "arch": arch_to_dict(PRESETS[preset]),
+    (d / "senseflow_model.json").write_text(json.dumps({"format": 1, "arch": arch_to_dict(presets()[preset]),
                                                         "dtype": "bfloat16"}))
     return d
 

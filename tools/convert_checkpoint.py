@@ -94,11 +94,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------- import
 def check_variant(arch, variant: str, where) -> None:
     """Refuse a config that is not the named release (all architecture fields must match the preset)."""
-    from megatron_senseflow.models.configs import PRESETS, arch_to_dict
+    from megatron_senseflow.models.configs import arch_to_dict, presets
 
-    if variant not in PRESETS:
-        raise ConversionError(f"--variant {variant!r} is unknown; choose one of {', '.join(sorted(PRESETS))}.")
-    want, have = arch_to_dict(PRESETS[variant]), arch_to_dict(arch)
+    known = presets()
+    if variant not in known:
+        raise ConversionError(f"--variant {variant!r} is unknown; choose one of {', '.join(sorted(known))}.")
+    want, have = arch_to_dict(known[variant]), arch_to_dict(arch)
     if variant == "flux-student":  # the student is read from a FLUX.1-dev teacher
         want["guidance_embeds"] = have.get("guidance_embeds")
     for k in sorted(set(want) | set(have)):
@@ -130,14 +131,9 @@ def import_checkpoint(
     if variant is not None:
         check_variant(arch_src, variant, src / "config.json")
         student = student or variant == "flux-student"
-    if student:
-        if arch_src.family != "flux":
-            raise ConversionError(f"--student makes a FLUX student, but {src} holds an SD3 model; drop --student.")
-        if not arch_src.guidance_embeds:
-            raise ConversionError(
-                f"--student drops FLUX.1-dev's guidance embedder, but {src} has guidance_embeds=false already; "
-                "drop --student."
-            )
+    if student and not arch_src.guidance_embeds:
+        raise ConversionError(f"--student drops the teacher's guidance embedder (FLUX.1-dev, FLUX.2-dev), but {src} "
+                              f"holds a {arch_src.label} model without one; drop --student.")
     arch = dataclasses.replace(arch_src, guidance_embeds=False) if student else arch_src
     files = SafetensorsDir(src)
 
@@ -202,7 +198,7 @@ def _copy_pipeline(base: Path, out: Path, arch, link: str) -> None:
     if not entry or entry[1] != arch.diffusers_class:
         raise ConversionError(
             f"--base-pipeline {base} has transformer {entry[1] if entry else None}, but the checkpoint holds a "
-            f"{arch.diffusers_class}; use a {arch.family.upper()} pipeline as base."
+            f"{arch.diffusers_class}; use a {arch.label} pipeline as base."
         )
     for item in sorted(base.iterdir()):
         if item.name == "transformer":
@@ -373,11 +369,13 @@ def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool 
 
 # ---------------------------------------------------------------- command line
 def _add_import_args(p: argparse.ArgumentParser) -> None:
+    from megatron_senseflow.models import FAMILIES
+
     p.add_argument("--hf", required=True, help="diffusers pipeline directory (its transformer/ is used) or transformer directory")
     p.add_argument("--out", required=True, help="role checkpoint directory to write")
-    p.add_argument("--model", choices=["flux", "sd3"], help="refuse a config of the other family")
-    p.add_argument("--variant", help="refuse a config that is not this release: flux-dev, flux-schnell, flux-student, "
-                                     "sd3-medium, sd35-medium, sd35-large")
+    p.add_argument("--model", choices=sorted(FAMILIES), help="refuse a config of another family")
+    p.add_argument("--variant", help="refuse a config that is not this release (a model preset: flux-dev, "
+                                     "flux-student, sd35-large, qwen-image, flux2-dev, ...)")
     p.add_argument("--student", action="store_true", help="write the SenseFlow FLUX student: FLUX.1-dev without guidance embedder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")

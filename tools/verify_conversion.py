@@ -35,39 +35,29 @@ class VerifyError(UserError):
 
 
 def random_inputs(arch, batch: int, latent_hw: tuple[int, int], num_txt: int, seed: int, guidance: float | None):
-    """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed).
+    """diffusers-convention inputs on CPU in fp32, the same on every rank (same seed): the family's own
+    (models/family.py reference_inputs). guidance None: a different random scale in [0, 5) per sample (the
+    parity tests use that)."""
+    from megatron_senseflow.models import family_of
 
-    guidance None: a different random scale in [0, 5) per sample (the parity tests use that)."""
-    from megatron_senseflow.models.flux import image_ids, text_ids
-
-    g = torch.Generator().manual_seed(seed)
-    h, w = latent_hw
-    text = torch.randn(batch, num_txt, arch.joint_attention_dim, generator=g)
-    pooled = torch.randn(batch, arch.pooled_projection_dim, generator=g)
-    if arch.family == "flux":
-        x = torch.randn(batch, (h // 2) * (w // 2), arch.in_channels, generator=g)
-        t = torch.rand(batch, generator=g)
-        if not arch.guidance_embeds:
-            g_B = None
-        elif guidance is None:
-            g_B = torch.rand(batch, generator=g) * 5
-        else:
-            g_B = torch.full((batch,), guidance)
-        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                    img_ids=image_ids(h, w), txt_ids=text_ids(num_txt), guidance=g_B)
-    x = torch.randn(batch, arch.in_channels, h, w, generator=g)
-    return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
-                timestep=torch.rand(batch, generator=g) * 1000)
+    return family_of(arch).reference_inputs(arch, batch, latent_hw, num_txt, torch.Generator().manual_seed(seed),
+                                            guidance)
 
 
-def sample(batch: dict, i: int, device, dtype) -> dict:
-    """Sample i of a batch on `device`; float tensors in `dtype`, position ids stay fp32 (as diffusers keeps them)."""
+def sample(arch, batch: dict, i: int, device, dtype) -> dict:
+    """Sample i of a batch on `device`; float tensors in `dtype`; what the whole batch shares (position ids,
+    image shapes) as it is, and masks as they are (as diffusers keeps them)."""
+    from megatron_senseflow.models import family_of
+
+    shared = family_of(arch).per_sample_keys()
     out = {}
     for k, v in batch.items():
-        if v is None or k in ("img_ids", "txt_ids"):
-            out[k] = None if v is None else v.to(device)
-        else:
+        if v is None or k in shared:
+            out[k] = v.to(device) if torch.is_tensor(v) else v
+        elif v.dtype.is_floating_point:
             out[k] = v[i : i + 1].to(device=device, dtype=dtype)
+        else:
+            out[k] = v[i : i + 1].to(device=device)
     return out
 
 
@@ -134,7 +124,7 @@ def run(args) -> int:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_senseflow.models import build_model, transformer_config
+    from megatron_senseflow.models import build_model, family_of, transformer_config
     from megatron_senseflow.models.checkpoint_io import load_model, read_meta
 
     stored = getattr(torch, read_meta(role_dir)["dtype"])
@@ -142,8 +132,8 @@ def run(args) -> int:
         stored if env.device.type == "cuda" and stored in TOLERANCE else torch.float32)
     tol = args.tol if args.tol is not None else TOLERANCE[dtype]
     hw = (args.latent_size, args.latent_size)
-    patch = 2 if arch.family == "flux" else arch.patch_size
-    num_img = (hw[0] // patch) * (hw[1] // patch)
+    family = family_of(arch)
+    num_img = family.image_tokens(arch, *hw)
     batch = random_inputs(arch, args.batch, hw, args.text_tokens, args.seed, args.guidance)
 
     model = build_model(arch, transformer_config(arch, tp=env.tp, pp=env.pp, params_dtype=dtype),
@@ -157,12 +147,9 @@ def run(args) -> int:
         return out.sum() * 0, {}
 
     def forward_step(it, m):
-        mb = next(it)
-        if arch.family == "sd3":
-            mb = {**mb, "num_txt": args.text_tokens}
-        return m(**mb), loss_func
+        return m(**family.our_inputs(arch, next(it), args.text_tokens)), loss_func
 
-    mbs = [sample(batch, i, env.device, dtype) for i in range(args.batch)]
+    mbs = [sample(arch, batch, i, env.device, dtype) for i in range(args.batch)]
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=args.batch,
@@ -186,15 +173,15 @@ def run(args) -> int:
 
 
 def compare(args, src, role_dir, arch, batch, ours, dtype, tol, device) -> int:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import diffusers
 
-    cls = FluxTransformer2DModel if arch.family == "flux" else SD3Transformer2DModel
+    cls = getattr(diffusers, arch.diffusers_class)
     # diffusers may leave some modules in fp32 (seen: SD3 pos_embed.proj); ours holds every weight in `dtype`
     ref = cls.from_pretrained(str(src), torch_dtype=dtype).to(device=device, dtype=dtype).eval()
     errs = []
     with torch.no_grad():
         for i in range(args.batch):
-            want = ref(**sample(batch, i, device, dtype), return_dict=False)[0].float().cpu()
+            want = ref(**sample(arch, batch, i, device, dtype), return_dict=False)[0].float().cpu()
             got = ours[i : i + 1]
             errs.append(((got - want).norm() / want.norm().clamp_min(1e-12)).item())
     worst = max(errs)

@@ -16,15 +16,15 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .base import DiTBase, StageLayout
-from .configs import SD3Arch
-from .layers import (
+from ..base import DiTBase, StageLayout
+from ..layers import (
     ConditionEmbedder,
     fp8_context,
     maybe_checkpoint,
     replicated_linear,
     sp_scatter,
 )
+from .arch import SD3Arch
 
 
 def sincos_2d(embed_dim: int, grid: int, base_size: int) -> torch.Tensor:

@@ -16,9 +16,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .base import DiTBase, StageLayout
-from .configs import FluxArch
-from .layers import (
+from ..base import DiTBase, StageLayout
+from ..layers import (
     ConditionEmbedder,
     FluxRope,
     fp8_context,
@@ -26,6 +25,7 @@ from .layers import (
     replicated_linear,
     sp_scatter,
 )
+from .arch import FluxArch
 
 
 def sp_joint_order(num_txt: int, num_img: int, tp: int, device=None) -> torch.Tensor:
