@@ -177,6 +177,8 @@ def tiny_components(family: str, seed: int = 0) -> dict:
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if family in ("qwen_image", "flux2", "flux2_klein"):
+        return tiny_components_new(family, seed)
     torch.manual_seed(seed)
     tok, t5tok = clip_tokenizer(), t5_tokenizer()
     if family == "flux":
@@ -193,7 +195,142 @@ def tiny_components(family: str, seed: int = 0) -> dict:
     }
 
 
-PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+def byte_vocab(specials: list[str]) -> dict[str, int]:
+    """A byte-level BPE vocabulary without merges: the specials, then one token per byte."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {s: i for i, s in enumerate(specials)}
+    for c in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(c, len(vocab))
+    return vocab
+
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                      "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level, Qwen's chat tokens) with a Qwen3-style chat template (thinking switch)."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tok = Qwen2Tokenizer(vocab=byte_vocab(specials), merges=[], additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def mistral_tokenizer():
+    """A byte-level tokenizer with Mistral's control tokens and a chat template of list-of-parts messages, as the
+    FLUX.2-dev pipeline calls it (the released tokenizer is a PixtralProcessor, which needs torchvision)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    tk = Tokenizer(models.BPE(vocab=byte_vocab(specials), merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                         "{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}"
+                         "[/INST]{% endif %}{% endfor %}")
+    return tok
+
+
+def tiny_qwen_vl(tok, hidden: int = 16):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok),
+                     # M-RoPE sections split half a head (2 heads)
+                     "rope_scaling": {"mrope_section": [hidden // 16, hidden // 16, hidden // 8], "rope_type": "default",
+                                      "type": "default"},
+                     "rope_theta": 1000000.0},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=len(tok), bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        vision_start_token_id=len(tok), vision_end_token_id=len(tok) + 1,
+        vision_token_id=len(tok) + 2, image_token_id=len(tok) + 3, video_token_id=len(tok) + 4,
+    )
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_mistral3(tok, hidden: int = 8, layers: int = 31):
+    """Mistral3 deep enough for the dev pipeline's hidden states 10, 20, 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    cfg = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "max_position_embeddings": 512, "num_attention_heads": 2,
+                     "num_hidden_layers": layers, "num_key_value_heads": 1, "head_dim": hidden // 2,
+                     "rope_theta": 1e9, "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+        vision_config={"model_type": "pixtral", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 8, "image_size": 12, "patch_size": 6, "num_channels": 3},
+        image_token_index=0, vision_feature_layer=-1,
+    )
+    return Mistral3ForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwen3(tok, hidden: int = 8, layers: int = 28):
+    """Qwen3 deep enough for klein's hidden states 9, 18, 27."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def tiny_qwen_vae(z_dim: int = 4):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0][:z_dim],
+                                  latents_std=[1.5, 0.8, 1.2, 2.0][:z_dim]).eval()
+
+
+def tiny_flux2_vae(latent_channels: int = 4):
+    """AutoencoderKLFlux2 with 2x downsampling (x2 patchify = 4 pixels per latent side) and non-trivial batch-norm
+    statistics (the released VAE's normalisation of the patchified latent)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                             latent_channels=latent_channels, norm_num_groups=4, sample_size=32).eval()
+    g = torch.Generator().manual_seed(7)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) + 0.5)
+    return vae
+
+
+def clip_l_dir(root: Path) -> Path:
+    """A transformers CLIP folder whose text tower projects to 768 (the discriminator's CLIP ViT-L/14 condition)."""
+    from transformers import CLIPTextModelWithProjection
+
+    tok = clip_tokenizer()
+    CLIPTextModelWithProjection(_clip_config(tok, 16, 768)).eval().save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def tiny_components_new(family: str, seed: int = 0) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    if family == "qwen_image":
+        tok = qwen_tokenizer()
+        return {"vae": tiny_qwen_vae(), "tokenizer": tok, "text_encoder": tiny_qwen_vl(tok, 32)}  # tiny-qwen-image's 32
+    if family == "flux2":
+        tok = mistral_tokenizer()
+        return {"vae": tiny_flux2_vae(), "tokenizer": tok, "text_encoder": tiny_mistral3(tok, 16)}  # 3 x 16 = 48
+    tok = qwen_tokenizer()  # flux2_klein
+    return {"vae": tiny_flux2_vae(), "tokenizer": tok, "text_encoder": tiny_qwen3(tok, 16)}
+
+
+PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "qwen_image": "QwenImagePipeline",
+                  "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline"}
 
 
 def save_pipeline(root: Path, family: str, components: dict) -> Path:
@@ -209,7 +346,48 @@ def save_pipeline(root: Path, family: str, components: dict) -> Path:
 
 def diffusers_pipeline(family: str, components: dict):
     """The reference diffusers pipeline over the same components (no transformer or scheduler needed to encode)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    import diffusers
 
-    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
-    return cls(transformer=None, scheduler=None, **components)
+    return getattr(diffusers, PIPELINE_CLASS[family])(transformer=None, scheduler=None, **components)
+
+
+# the released schedulers' settings (QwenImagePipeline's scheduler_config.json; FLUX.2's, whose pipeline overrides the
+# shift with its own empirical mu)
+SCHEDULERS = {
+    "qwen_image": dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                       max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+    "flux2": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                  max_image_seq_len=4096, time_shift_type="exponential"),
+}
+TRANSFORMER_PRESET = {"qwen_image": "tiny-qwen-image", "flux2": "tiny-flux2", "flux2_klein": "tiny-flux2-klein"}
+
+
+def tiny_transformer(preset: str, seed: int = 0, scale: float = 0.05, **overrides):
+    """A diffusers transformer of one of our tiny presets with random non-zero weights everywhere."""
+    import diffusers
+    import torch
+
+    from megatron_senseflow.models.configs import arch_to_diffusers_config, make_arch
+
+    arch = make_arch(preset, overrides)
+    cls = getattr(diffusers, arch.diffusers_class)
+    torch.manual_seed(seed)
+    model = cls(**{k: v for k, v in arch_to_diffusers_config(arch).items() if k != "_class_name"})
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def save_full_pipeline(root: Path, family: str, seed: int = 0) -> Path:
+    """A complete tiny pipeline of a new family (transformer, scheduler, VAE, text stack) saved as diffusers does."""
+    import diffusers
+
+    components = tiny_components(family, seed)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULERS["qwen_image" if family == "qwen_image" else "flux2"])
+    extra = {"is_distilled": False} if family == "flux2_klein" else {}
+    pipe = getattr(diffusers, PIPELINE_CLASS[family])(transformer=tiny_transformer(TRANSFORMER_PRESET[family], seed),
+                                                      scheduler=sched, **components, **extra)
+    pipe.save_pretrained(root)
+    return Path(root)

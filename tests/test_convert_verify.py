@@ -123,3 +123,14 @@ def test_bf16_compute_on_sd35(tmp_path):
     r = _verify("--hf", str(src), "--ckpt", str(tmp_path / "ckpt"), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bf16 tolerance 5e-02" in r.stdout and _value(last_line(r.stdout)) < 5e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,layout", [("qwen-image", ("--tp", "2")), ("flux2-dev", ("--pp", "2"))])
+def test_the_new_families_verify(tmp_path, variant, layout):
+    """Qwen-Image (its masked text) and FLUX.2 (its packed projections) through the verb, at a split layout."""
+    src = save_tiny(variant, tmp_path / "hf")
+    run_distributed(_import, 1, str(src), str(tmp_path / "ckpt"))
+    r = _verify("--hf", str(src), "--ckpt", str(tmp_path / "ckpt"), *layout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _value(last_line(r.stdout)) < 1e-5

@@ -16,7 +16,8 @@ from megatron_senseflow.data.shards import read_manifest
 from megatron_senseflow.data.write import WriteSettings, write_shards
 from megatron_senseflow.cli import main as cli_main
 from megatron_senseflow.config import ConfigError, DataConfig
-from tests.data_helpers import CLIP_LEN, diffusers_pipeline, real_images, save_folder, save_pipeline, tiny_components
+from tests.data_helpers import (CLIP_LEN, clip_tokenizer, diffusers_pipeline, real_images, save_folder, save_pipeline,
+                                tiny_components)
 from tests.dist_helpers import run_distributed
 
 PROMPTS = [
@@ -235,3 +236,61 @@ def test_encoder_skips_broken_inputs_and_non_finite_outputs(image_shards, flux_p
     out = encode_shards(s, tmp_path / "enc", text, _NaNFirst(latent_codec(flux_pipe, "flux")), batch_size=2)
     assert out["stats"]["skipped"] == {"undecodable": 1, "non_finite": 1}
     assert out["num_samples"] == len(captions) - 1 == out["stats"]["written"]
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "flux2", "flux2_klein"])
+def test_new_family_encoders_match_their_pipelines(family, tmp_path):
+    """Text: the pipeline's own encode_prompt (Qwen-Image: its batch padding and mask, ours zero-padded to the run's
+    length, the mask read back from the zeros); latents: the pipelines' normalisations written out by hand."""
+    from megatron_senseflow.models import family_of
+    from tests.data_helpers import clip_l_dir
+
+    from megatron_senseflow.models.configs import presets
+
+    components = tiny_components(family)
+    path = save_pipeline(tmp_path / "pipe", family, components)
+    name = infer_family(path)
+    assert name == ("flux2" if family.startswith("flux2") else family)
+    length = 200 if family == "qwen_image" else 48
+    ours = text_encoder(path, name, length, clip=str(clip_l_dir(tmp_path / "clip")))
+    text, pooled = ours.encode(PROMPTS)
+    ref = diffusers_pipeline(family, components)
+    assert text.shape == (3, length, ours.text_dim) and pooled.shape == (3, 768)
+    if family == "qwen_image":
+        want, mask = ref.encode_prompt(PROMPTS, max_sequence_length=length)
+        n = want.shape[1]
+        torch.testing.assert_close(text[:, :n], want.float(), rtol=0, atol=0)
+        assert not text[:, n:].any()
+        arch = presets()["tiny-qwen-image"]
+        derived = family_of(arch).model_inputs(arch, torch.zeros(3, 4, 4, 4), torch.rand(3), text, pooled)
+        assert torch.equal(derived["encoder_hidden_states_mask"][:, :n], mask.bool())
+        assert not derived["encoder_hidden_states_mask"][:, n:].any()
+    else:
+        want, _ = ref.encode_prompt(PROMPTS, max_sequence_length=length)
+        torch.testing.assert_close(text, want.float(), rtol=0, atol=0)
+    from transformers import CLIPTextModelWithProjection
+
+    clip = CLIPTextModelWithProjection.from_pretrained(tmp_path / "clip")
+    ids = clip_tokenizer()(PROMPTS, padding="max_length", max_length=CLIP_LEN, truncation=True, return_tensors="pt")
+    torch.testing.assert_close(pooled, clip(ids.input_ids).text_embeds, rtol=0, atol=1e-6)
+    assert not text_encoder(path, name, length).encode(PROMPTS[:1])[1].any()  # no CLIP folder: zeros
+
+    vae, codec = components["vae"], latent_codec(path, name)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = codec.encode(x)
+        if family == "qwen_image":  # QwenImage img2img: (z - mean) * (1 / std) of one frame
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+            want_z = (vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0] - mean) * (1.0 / std)
+            want_img = vae.decode((z / (1.0 / std) + mean)[:, :, None]).sample[:, :, 0]
+        else:  # Flux2Pipeline: patchify, then the batch-norm statistics
+            from diffusers import Flux2Pipeline
+
+            mean = vae.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+            want_z = (Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mode()) - mean) / std
+            want_img = vae.decode(Flux2Pipeline._unpatchify_latents(z * std + mean)).sample
+        torch.testing.assert_close(z, want_z, rtol=0, atol=1e-6)
+        torch.testing.assert_close(codec.decode(z), want_img, rtol=0, atol=1e-6)
+    assert z.shape[1] == codec.latent_channels and 32 // z.shape[-1] == codec.factor == family_of(name).vae_factor(path / "vae")

@@ -214,6 +214,29 @@ def _copy_pipeline(base: Path, out: Path, arch, link: str) -> None:
             shutil.copy2(item, dst)
 
 
+def _apply_overrides(out: Path, arch) -> None:
+    """The family's config entries for the student's pipeline (models/family.py pipeline_overrides), written into
+    copies: a component the copy links to (--link symlink / hardlink) is made a file of its own first, so the base
+    pipeline is never changed."""
+    import json
+
+    from megatron_senseflow.models import family_of
+
+    index = json.loads((out / "model_index.json").read_text())
+    for rel, updates in family_of(arch).pipeline_overrides(arch, index).items():
+        path = out / rel
+        top = out / Path(rel).parts[0]
+        if top.is_symlink():  # a linked component folder (or file): copy it in before editing
+            target = top.resolve()
+            top.unlink()
+            shutil.copytree(target, top) if target.is_dir() else shutil.copy2(target, top)
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        cfg.update(updates)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        tmp.replace(path)  # a new file: a hard link to the base's stays untouched
+
+
 def export_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -311,6 +334,7 @@ def export_checkpoint(
     tdir = out
     if base_pipeline is not None:
         _copy_pipeline(Path(base_pipeline), out, arch, link)
+        _apply_overrides(out, arch)
         tdir = out / "transformer"
     writer = ShardedSafetensorsWriter(tdir, plan, max_bytes)
     with _progress(sum(t.nbytes for t in plan), "export", progress) as bar:
@@ -429,5 +453,21 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
                                 base=args.base)
         what = "diffusers LoRA" if args.lora else "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
         out = Path(args.out)
+        hint = sampling_hint(role_dir, args.ckpt)
     print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
+    if direction == "export" and hint:
+        print(f"{prog}: the stock pipeline's default call does not sample at the student's anchors; call it as {hint}")
     return 0
+
+
+def sampling_hint(role_dir: Path, ckpt) -> str | None:
+    """The family's stock-pipeline call that samples the exported student at its anchors, when the default call
+    does not (SD3.x: its scheduler cannot express linspace(1, 1/K, K) shifted; models/family.py sampling_call)."""
+    from megatron_senseflow.models import family_of
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch
+    from megatron_senseflow.sample_cli import training_config
+
+    arch = checkpoint_arch(role_dir)
+    run = training_config(str(ckpt))
+    k = run.distill.num_steps if run is not None else 4
+    return family_of(arch).sampling_call(arch, [1 - i / k for i in range(k)])
