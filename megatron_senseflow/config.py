@@ -419,6 +419,9 @@ class Config:
     pooled text condition); a recipe that declares 'test' or 'demo' may use them, and the banner names each."""
     method: Literal["senseflow", "dmd2", "sid"] = "senseflow"
     """Objective: 'senseflow' (DMD + ISG + IDA + GAN), 'dmd2' (IDA and ISG off) or 'sid'."""
+    derived: list[str] = field(default_factory=list)
+    """Where a recipe's values come from when the authors published none for its teacher, one sentence each
+    (`--dry-run` prints them); empty for the authors' own recipes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture shared by the roles."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

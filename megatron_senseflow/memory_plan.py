@@ -29,20 +29,21 @@ GB = 1e9
 # megatron_senseflow.memory_probe (saved-tensor hooks on a meta-device forward at full width and the
 # real 1024 px token counts, fused attention) for FLUX.1-dev, SD3.5 Large and SD3.5 Medium:
 # (replicated over TP, split over TP, replicated part under sequence parallel, then also split).
-# joint: a FLUX double-stream or SD3 MMDiT block; single: a FLUX single-stream block; dual: the extra
-# image self-attention of an SD3.5 Medium (MMDiT-X) block. Korthikanti et al.'s rule (34, plus ~8 for
-# adaLN's modulated copies = 42) was a third low for these blocks: the QK-norm outputs, the gated
-# residual inputs and the fp32 norm statistics are kept too. Residual below 0.4% per block
-# (per-sample modulation vectors, independent of the token count).
-BLOCK_ACT = {"joint": (16.0, 40.0, 16.0), "single": (8.0, 46.0, 4.0), "dual": (3.6, 25.0, 3.6)}
+# joint: a FLUX.1 double-stream, SD3 MMDiT or Qwen-Image block (the same module); single: a FLUX.1 single-stream
+# block; dual: the extra image self-attention of an SD3.5 Medium (MMDiT-X) block; flux2_double / flux2_single:
+# FLUX.2's blocks (SwiGLU MLPs of width 3h, modulation shared by the model; measured for FLUX.2-dev and klein 4B,
+# equal to 0.1%). Korthikanti et al.'s rule (34, plus ~8 for adaLN's modulated copies = 42) was a third low for
+# these blocks: the QK-norm outputs, the gated residual inputs and the fp32 norm statistics are kept too.
+# Residual below 0.4% per block (per-sample modulation vectors, independent of the token count).
+BLOCK_ACT = {"joint": (16.0, 40.0, 16.0), "single": (8.0, 46.0, 4.0), "dual": (3.6, 25.0, 3.6),
+             "flux2_double": (16.0, 48.0, 16.0), "flux2_single": (8.0, 54.0, 10.0)}
 # a block's inputs (image and text streams) kept per block under full recompute (measured: 2.0)
 RECOMPUTE_PER_TOKEN_HIDDEN = 2
-# FLUX/SD3 VAE decoder (block_out_channels 128-256-512-512, 3 resnets per level) under
-# diffusers' gradient checkpointing (codec.DiffusersVAE turns it on): the inputs of its
-# blocks plus the largest block (128 channels at full resolution) being recomputed,
-# ~2.7e9 elements per 1024 x 1024 image, scaling with pixels (without checkpointing ~4.3e9)
-VAE_DECODER_ELEMS_1024 = 2.7e9
-VAE_DECODER_PARAMS = 49.5e6
+# The VAE decoder's activations for the GAN term are the family's (models/family.py vae_decoder): the
+# FLUX/SD3/FLUX.2 decoder (block_out_channels 128-256-512-512, 3 resnets per level) under diffusers' gradient
+# checkpointing (models/vae.py turns it on) keeps the inputs of its blocks plus the largest block (128 channels at
+# full resolution) being recomputed, ~2.7e9 elements per 1024 x 1024 image, scaling with pixels (without
+# checkpointing ~4.3e9); Qwen-Image's decoder cannot checkpoint.
 DINOV2_VITL = {"params": 304.4e6, "hidden": 1024, "layers": 24, "patch": 14}
 # full-resolution C-channel maps a discriminator head's trunk keeps for backward: about 4 at the tap's
 # resolution (conv, norm, activation), 5 per stride-2 level below, counted by area (4 + 5/4 + 5/16 + ...)
@@ -101,17 +102,20 @@ def block_kinds(arch, index: int) -> list[str]:
 
 
 def stage_share(arch, tp: int, pp: int, pp_split, tokens) -> StageShare:
-    from megatron_senseflow.models import stage_layout
+    from megatron_senseflow.models import family_of, stage_layout
     from megatron_senseflow.models.flops import block_params, embedder_params
 
     counts = block_params(arch)
+    # every stage holds the embedders; FLUX.2's shared modulation among them is split over TP
+    emb_split = family_of(arch).embedder_split_params(arch)
+    embedders = embedder_params(arch) - emb_split + emb_split / tp
     stages = []
     for rank in range(pp):
         lay = stage_layout(arch, pp, rank, pp_split, tokens)
         mine = counts[lay.first : lay.last]
         split = sum(sp / tp for sp, _ in mine)
         kinds = [block_kinds(arch, i) for i in range(lay.first, lay.last)]
-        stages.append(StageShare(split + sum(r for _, r in mine) + embedder_params(arch), split, len(mine), kinds))
+        stages.append(StageShare(split + sum(r for _, r in mine) + embedders, split, len(mine), kinds))
     return max(stages, key=lambda st: st.params)
 
 
@@ -215,8 +219,9 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         heads = num_heads * head_param_count(v["hidden"], text_dim, dc.head_downsample)
         d_elem = 2 if dc.precision == "bf16" else 4
         # DINOv2 loads in fp32 (autocast for bf16); the VAE is loaded in D's precision
-        d = RoleMemory("discriminator", v["params"] + VAE_DECODER_PARAMS + heads,
-                       v["params"] * 4 + VAE_DECODER_PARAMS * d_elem + heads * 4, grads=heads * 4,
+        vae_elems, vae_params = family_of(t_arch).vae_decoder
+        d = RoleMemory("discriminator", v["params"] + vae_params + heads,
+                       v["params"] * 4 + vae_params * d_elem + heads * 4, grads=heads * 4,
                        optimizer=heads * 8 / dp)  # AdamW sharded over data parallel (ZeroRedundancyOptimizer)
         side = (dc.image_size or cfg.data.resolution) // v["patch"]
         n_tok = side**2 + 1
@@ -225,7 +230,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         dino = (v["layers"] + DINO_BLOCK_ACT / 2) * n_tok * v["hidden"] * d_elem * mb
         # the generator's GAN pass through each head's trunk (fp32 norms under autocast)
         dino += num_heads * HEAD_TRUNK_MAPS * side**2 * v["hidden"] * 4 * mb
-        vae = VAE_DECODER_ELEMS_1024 * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
+        vae = vae_elems * (cfg.data.resolution / 1024) ** 2 * d_elem * mb  # VAE in D's precision
         d.activations = dino + vae
         d.notes = ["activations: the generator's GAN term backpropagates through the VAE decoder and DINOv2"]
         roles.append(d)
@@ -282,6 +287,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.parse_args = p.parse_intermixed_args  # type: ignore[method-assign]
 
 
+def fitting_layouts(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> list[tuple[int, int, float]]:
+    """(tp, pp, GB per GPU) of every layout of this cluster shape that fits, least memory first: TP inside a node
+    dividing the heads, PP a power of two up to 8, data parallel filling the rest."""
+    import dataclasses
+
+    from megatron_senseflow.models.configs import divisors
+
+    arch, world = cfg.model.teacher_arch(), nodes * gpus_per_node
+    out = []
+    for tp in divisors(arch.num_attention_heads):
+        for pp in (1, 2, 4, 8):
+            if tp > gpus_per_node or gpus_per_node % tp or pp > arch.num_blocks or world % (tp * pp):
+                continue
+            par = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, pp_split=None,
+                                      sequence_parallel=cfg.parallel.sequence_parallel and tp > 1)
+            pl = plan(dataclasses.replace(cfg, parallel=par), nodes, gpus_per_node, gpu_mem_gb)
+            if pl.fits:
+                out.append((tp, pp, pl.total / GB))
+    return sorted(out, key=lambda x: x[2])
+
+
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
 
@@ -294,4 +320,38 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate(world_size=world)
     pl = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem)
     print(render(pl))
+    if not (args.tp or args.pp):  # the recipe's layout was asked: say which layouts of this cluster fit
+        found = fitting_layouts(cfg, args.nodes, args.gpus_per_node, args.gpu_mem)
+        if found:
+            best = ", ".join(f"tp={tp} pp={pp} ({gb:.1f} GB)" for tp, pp, gb in found[:4])
+            print(f"layouts of this cluster that fit, least memory first: {best}; pass --tp / --pp (or parallel.tp / "
+                  f"parallel.pp to the run) to use one.")
+        else:
+            print(f"no tp x pp layout of {args.nodes} node(s) x {args.gpus_per_node} GPUs fits {args.gpu_mem:g} GB; "
+                  "add nodes, or see the suggestions above.")
     return 0 if pl.fits else 1
+
+
+def readme_table(recipes=("qwen_image", "flux2_dev"), gpus_per_node: int = 8, gpu_mem_gb: float = 80.0) -> str:
+    """The README's table of the largest teachers: full fine-tuning at 1, 2, 4 and 8 nodes and LoRA students
+    (rank 64) at one node; per row the recipe's layout, the layout that needs the least memory, and the same search
+    with the students' AdamW states on the host (a test keeps the README equal to it)."""
+    from .config import load_config
+
+    rows = ["| recipe | students | nodes (8 x 80 GB each) | recipe layout: GB per GPU | least memory: layout, GB per GPU "
+            "| ... with AdamW on the host (`cpu_offload=megatron`) |", "|---|---|---|---|---|---|"]
+    lora = ["roles.generator.lora.rank=64", "roles.fake_score.lora.rank=64"]
+    offload = ["roles.generator.optimizer.cpu_offload=megatron", "roles.fake_score.optimizer.cpu_offload=megatron"]
+
+    def best(cfg, nodes):
+        found = fitting_layouts(cfg, nodes, gpus_per_node, gpu_mem_gb)
+        return f"tp={found[0][0]} pp={found[0][1]}: {found[0][2]:.1f}" if found else "none fits"
+
+    for name in recipes:
+        for students, overrides, node_counts in (("full", [], (1, 2, 4, 8)), ("LoRA rank 64", lora, (1,))):
+            cfg, host = load_config(name, overrides), load_config(name, overrides + offload)
+            for nodes in node_counts:
+                own = plan(cfg, nodes, gpus_per_node, gpu_mem_gb)
+                mine = f"tp={cfg.parallel.tp} pp={cfg.parallel.pp}: {own.total / GB:.1f}" + ("" if own.fits else " (over)")
+                rows.append(f"| `{name}` | {students} | {nodes} | {mine} | {best(cfg, nodes)} | {best(host, nodes)} |")
+    return "\n".join(rows)

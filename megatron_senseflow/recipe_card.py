@@ -111,6 +111,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
                       "micro_batch_size": cfg.data.micro_batch_size, "resolution": cfg.data.resolution}
     pl = plan(cfg, 1, world, 80.0)  # one node of `world` GPUs, 80 GB each
     card["memory_plan_gb_per_gpu"] = round(pl.total / 1e9, 1)
+    card["derived"] = list(cfg.derived)
     card["missing"] = cfg.missing_assets()
     card["notes"] = cfg.notes()
     return card
@@ -165,6 +166,8 @@ def render(card: dict) -> str:
                   f"{lay['micro_batch_size']}, {lay['resolution']} px")
     row("memory plan", f"{card['memory_plan_gb_per_gpu']} GB per GPU at this layout (senseflow memory-plan for "
                        "details and other shapes)")
+    for m in card.get("derived", []):
+        lines.append(f"  ours: {m}")
     for m in card["missing"]:
         lines.append(f"  missing: {m}")
     for m in card.get("notes", []):

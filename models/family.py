@@ -109,6 +109,11 @@ class Family:
         """Parameters outside the blocks; every pipeline stage holds them."""
         raise NotImplementedError
 
+    def embedder_split_params(self, arch) -> int:
+        """The part of `embedder_params` that is split over TP (FLUX.2's shared modulation linears); the rest is
+        replicated on every TP rank."""
+        return 0
+
     def block_lora_linears(self, arch, index: int) -> list[tuple[str, str, int, int, int]]:
         """(target, 'column' | 'row', in, out, parts) of every linear models/lora.py adapts in block `index`."""
         raise NotImplementedError
@@ -137,6 +142,10 @@ class Family:
     def vae(self, vae_dir, dtype=torch.float32, device="cpu"):
         """The teacher's VAE from a local `vae/` folder as a models.vae.LatentCodec (images <-> latents)."""
         raise NotImplementedError
+
+    vae_decoder: ClassVar[tuple[float, float]] = (2.7e9, 49.5e6)
+    """(elements the VAE decoder keeps for the GAN term's backward per 1024 px image, decoder parameters): the
+    FLUX.1 / SD3.x AutoencoderKL decoder under diffusers' gradient checkpointing (memory_plan)."""
 
     def vae_factor(self, vae_dir=None) -> int:
         """Pixels per latent side of the codec `vae` would build, from its config.json alone (the released

@@ -6,7 +6,7 @@ counts. These tests check (1) that the meta-device count equals the count of a
 real CPU forward (the fused-attention substitution saves exactly what torch's
 real kernel saves), and (2) that two depths differ by the plan's per-block figure,
 at TP1 and TP2, with and without full recompute, for FLUX.1-dev's double and
-single blocks and SD3.5 Medium's dual-attention block (SD3.5 Large's joint
+single blocks, SD3.5 Medium's dual-attention block and FLUX.2-dev's double and single blocks (SD3.5 Large's joint
 blocks are FLUX's double-block coefficients at another width, checked in (2) too).
 """
 from __future__ import annotations
@@ -67,6 +67,9 @@ def _per_block(env, tp):
     out[("sd35m", "dual", "none")] = probe("sd35-medium", 2, 0, tp, "none", dual=2).saved - one
     base = probe("sd35-large", 1, 0, tp, "none", text_tokens=154).saved
     out[("sd35l", "joint", "none")] = probe("sd35-large", 2, 0, tp, "none", text_tokens=154).saved - base
+    base = probe("flux2-dev", 1, 1, tp, "none").saved
+    out[("flux2", "flux2_double", "none")] = probe("flux2-dev", 2, 1, tp, "none").saved - base
+    out[("flux2", "flux2_single", "none")] = probe("flux2-dev", 1, 2, tp, "none").saved - base
     return out
 
 
@@ -78,7 +81,8 @@ def test_two_depths_differ_by_the_plans_per_block_figure(tp):
     measured = run_distributed(_per_block, tp, tp, tp=tp)[0]
     flux, medium, large = make_arch("flux-dev"), make_arch("sd35-medium"), make_arch("sd35-large")
     for (model, kind, rc), got in measured.items():
-        arch, tokens = {"flux": (flux, N_IMG + N_TXT), "sd35m": (medium, N_IMG + N_TXT), "sd35l": (large, N_IMG + 154)}[model]
+        arch, tokens = {"flux": (flux, N_IMG + N_TXT), "sd35m": (medium, N_IMG + N_TXT), "sd35l": (large, N_IMG + 154),
+                        "flux2": (make_arch("flux2-dev"), N_IMG + N_TXT)}[model]
         if rc == "full":  # only the block's inputs (image and text streams) stay
             want = RECOMPUTE_PER_TOKEN_HIDDEN * tokens * arch.hidden_size
         else:

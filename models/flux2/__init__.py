@@ -162,6 +162,9 @@ class Flux2Family(Family):
                 + 15 * h * h  # the shared modulations: 6h + 6h + 3h outputs
                 + 2 * h * h + h * arch.out_dim)
 
+    def embedder_split_params(self, arch):
+        return 15 * arch.hidden_size ** 2  # the shared modulations are column-parallel (models/flux2/model.py)
+
     def block_lora_linears(self, arch, index):
         h, m = arch.hidden_size, arch.mlp_hidden
         if index < arch.num_layers:
