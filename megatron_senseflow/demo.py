@@ -44,7 +44,7 @@ TEMPLATES = ["a handwritten digit {w}", "the number {w} written by hand", "a sca
 RES = 16  # the scans are 8 x 8; 16 x 16 keeps every stroke and the CPU cost small
 TEXT_LEN = 6
 
-TEACHER = {  # FLUX architecture fields (models/configs.py FluxArch), small
+TEACHER = {  # FLUX.1 architecture fields (models/flux/arch.py), small
     "in_channels": 16, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 16, "num_attention_heads": 4,
     "joint_attention_dim": 64, "pooled_projection_dim": 64, "guidance_embeds": False, "axes_dims_rope": [4, 6, 6],
 }

@@ -70,6 +70,17 @@ def load_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def smallest_side(files: list[Path]) -> int:
+    """The smallest image side among files (read from their headers, not decoded)."""
+    from PIL import Image
+
+    sides = []
+    for f in files:
+        with Image.open(f) as im:
+            sides.append(min(im.size))
+    return min(sides)
+
+
 def random_patches(img: torch.Tensor, size: int, count: int, g: torch.Generator) -> list[torch.Tensor]:
     _, h, w = img.shape
     if h < size or w < size:
@@ -247,10 +258,16 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
             if "fid" in wanted:
                 results["fid"] = fid(feature, images, reference, args.batch)
             if "patch_fid" in wanted:
-                side = min(min(load_uint8(f).shape[1:]) for f in images[:1] + reference[:1])
-                if side < 299:
-                    print(f"warning: the images are {side} px, below the 299 px patch: patch FID resizes each whole "
-                          "image instead of cropping, so it equals FID here.", file=sys.stderr)
+                small_gen, small_ref = (smallest_side(f) for f in (images, reference))
+                if small_gen < 299 and small_ref < 299:
+                    print(f"warning: every image is below the 299 px patch (the smallest: {min(small_gen, small_ref)} px):"
+                          " patch FID resizes each whole image instead of cropping, so it equals FID here.",
+                          file=sys.stderr)
+                elif min(small_gen, small_ref) < 299:
+                    which, side = ("generated", small_gen) if small_gen < 299 else ("reference", small_ref)
+                    print(f"warning: some {which} images are below the 299 px patch ({side} px): those are resized "
+                          "whole while the larger ones are cropped, so patch FID compares unlike things; generate "
+                          "and keep the reference at the same resolution (the paper's: 1024 px).", file=sys.stderr)
                 results["patch_fid"] = fid(feature, images, reference, args.batch, patches=args.patches_per_image)
         if "clip" in wanted:
             if not args.clip or not args.prompts:

@@ -181,8 +181,9 @@ def print_card(cfg, world: int | None, as_json: bool) -> int:
     return 0
 
 
-README_RECIPES = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium", "flux_dev_sid", "sd35_large_sid",
-                  "sd35_medium_sid", "tiny")
+README_RECIPES = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium", "qwen_image", "flux2_dev", "flux2_klein",
+                  "flux_dev_sid", "sd35_large_sid", "sd35_medium_sid", "qwen_image_sid", "flux2_dev_sid",
+                  "flux2_klein_sid", "tiny")
 
 
 def readme_table(names=README_RECIPES) -> str:

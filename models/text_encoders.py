@@ -70,14 +70,27 @@ class ClipLCondition:
     `directory` is a transformers CLIP directory (openai/clip-vit-large-patch14: its tokenizer and text tower)."""
 
     def __init__(self, directory: str | Path, device="cpu", dtype=torch.float32):
-        from transformers import CLIPTextModelWithProjection
+        from transformers import AutoConfig, CLIPTextModelWithProjection
+        from transformers.utils import logging as hf_logging
 
         d = Path(directory)
-        if not d.is_dir():
-            raise ConfigError(f"--clip {d} is not a directory; give a local transformers CLIP ViT-L/14 directory "
+        if not (d / "config.json").is_file():
+            raise ConfigError(f"--clip {d} is not a transformers model directory; give a local CLIP ViT-L/14 folder "
                               "(openai/clip-vit-large-patch14).")
         self.tokenizer = load_tokenizer(d)
-        self.model = CLIPTextModelWithProjection.from_pretrained(d, dtype=dtype).to(device).eval().requires_grad_(False)
+        cfg = AutoConfig.from_pretrained(d)
+        if cfg.model_type == "clip":  # a whole CLIP, as released: its text tower and text projection are read
+            text_cfg = cfg.text_config
+            text_cfg.projection_dim = cfg.projection_dim
+        else:
+            text_cfg = cfg
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the vision tower's weights are not read, and need no report
+        try:
+            model = CLIPTextModelWithProjection.from_pretrained(d, config=text_cfg, dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model = model.to(device).eval().requires_grad_(False)
         self.dim = int(self.model.config.projection_dim)
 
     @torch.no_grad()

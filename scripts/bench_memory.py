@@ -1,6 +1,7 @@
 """Activation memory of the trainable DiT roles: measured (saved-tensor hooks) against `senseflow memory-plan`.
 
-    python scripts/bench_memory.py            # FLUX.1-dev TP4, SD3.5 Large TP2, SD3.5 Medium TP1, 1024 px
+    python scripts/bench_memory.py            # FLUX.1-dev TP4, SD3.5 Large TP2, SD3.5 Medium TP1, Qwen-Image and
+                                              # FLUX.2-dev TP8, 1024 px
 
 For each recipe and recompute setting, one generator forward at full depth and
 width is run on the meta device in TP gloo ranks (megatron_senseflow.memory_probe:
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-CASES = [("flux_dev", 4), ("sd35_large", 2), ("sd35_medium", 1)]
+CASES = [("flux_dev", 4), ("sd35_large", 2), ("sd35_medium", 1), ("qwen_image", 8), ("flux2_dev", 8)]
 
 
 def _measure(env, preset: str, depth: tuple[int, int, int], tp: int, recompute: str, text_tokens: int) -> dict:
@@ -49,7 +50,9 @@ def main() -> int:
         for recompute in ("full", "none"):
             cfg = load_config(recipe, [f"parallel.tp={tp}", "parallel.pp=1", f"model.recompute={recompute}"])
             arch = cfg.model.student_arch()
-            depth = (arch.num_layers, getattr(arch, "num_single_layers", 0), len(getattr(arch, "dual_attention_layers", ()) or ()))
+            from megatron_senseflow.models import family_of
+
+            depth = family_of(arch).block_counts(arch)
             got = run_distributed(_measure, tp, cfg.model.preset, depth, tp, recompute, cfg.data.text_max_length, tp=tp)[0]
             measured = got["forward"] + (got["largest_block"] if recompute == "full" else 0)
             planned = {r.name: r for r in plan(cfg, 1, tp, 80).roles}["generator"].activations

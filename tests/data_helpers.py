@@ -380,14 +380,16 @@ def tiny_transformer(preset: str, seed: int = 0, scale: float = 0.05, **override
     return model.eval()
 
 
-def save_full_pipeline(root: Path, family: str, seed: int = 0) -> Path:
-    """A complete tiny pipeline of a new family (transformer, scheduler, VAE, text stack) saved as diffusers does."""
+def save_full_pipeline(root: Path, family: str, seed: int = 0, **transformer) -> Path:
+    """A complete tiny pipeline of a new family (transformer, scheduler, VAE, text stack) saved as diffusers does;
+    `transformer`: fields of the tiny transformer to change."""
     import diffusers
 
     components = tiny_components(family, seed)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULERS["qwen_image" if family == "qwen_image" else "flux2"])
     extra = {"is_distilled": False} if family == "flux2_klein" else {}
-    pipe = getattr(diffusers, PIPELINE_CLASS[family])(transformer=tiny_transformer(TRANSFORMER_PRESET[family], seed),
+    pipe = getattr(diffusers, PIPELINE_CLASS[family])(transformer=tiny_transformer(TRANSFORMER_PRESET[family], seed,
+                                                                                   **transformer),
                                                       scheduler=sched, **components, **extra)
     pipe.save_pretrained(root)
     return Path(root)

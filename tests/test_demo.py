@@ -8,6 +8,8 @@ reads. The demo's real numbers are in the README (`make demo`).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -249,6 +251,14 @@ def test_eval_fid_and_patch_fid(tmp_path):
     assert abs(same["fid"]) < 1e-2
     assert same["fid"] < other_digits["fid"] < noise_vs_real["fid"]
     assert other_digits["patch_fid"] < noise_vs_real["patch_fid"]
+    # small generated images against large references: the note says patch FID compares unlike things (it is not
+    # FID: the references are cropped, the samples resized), and both numbers come out different
+    _write_pngs(tmp_path / "small", digits[80:120].repeat(4, axis=1).repeat(4, axis=2))  # 64 px
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        mixed = evaluate("small", "real")
+    assert "some generated images are below the 299 px patch (64 px)" in err.getvalue()
+    assert "equals FID" not in err.getvalue() and mixed["patch_fid"] != mixed["fid"]
 
 
 def _eval_three_images(tmp_path, seed: int, flag: str, model_dir: Path, metric: str) -> tuple[float, list[str]]:

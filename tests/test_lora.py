@@ -317,7 +317,10 @@ def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights
 
     base = build_base_pipeline(tmp_path)
     r = run_distributed(_export_body, 1, str(base), str(tmp_path))[0]
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    # readable like the rest of an export (safetensors alone writes 0600)
+    assert lora_file.is_file() and lora_file.stat().st_mode & 0o044 == 0o044
+    assert oct(lora_file.stat().st_mode & 0o777) == oct((tmp_path / "merged" / "model_index.json").stat().st_mode & 0o777)
     assert torch.allclose(r["sample"], r["ours"], rtol=0, atol=1e-6)
 
     pipe = FluxPipeline.from_pretrained(base)

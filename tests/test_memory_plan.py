@@ -112,3 +112,18 @@ def test_cli_prints_the_table_and_says_when_it_does_not_fit(capsys):
     assert "does not fit" in capsys.readouterr().out
     assert cli.main(["memory-plan", "flux_dev", "--nodes", "1", "--gpus-per-node", "8", "--tp", "5"]) == 2
     assert "does not divide FLUX's 24 attention heads" in capsys.readouterr().err
+
+
+def test_readme_memory_table_of_the_2025_teachers_is_the_plan():
+    from pathlib import Path
+
+    from megatron_senseflow.memory_plan import readme_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in readme, "README's Qwen-Image / FLUX.2 memory table is stale: paste memory_plan.readme_table()"
+    # FLUX.2-dev's LoRA students at rank 64 fit one 8 x 80 GB node at the recipe's own layout (the README's claim)
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.memory_plan import plan
+
+    cfg = load_config("flux2_dev", ["roles.generator.lora.rank=64", "roles.fake_score.lora.rank=64"])
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (8, 1) and plan(cfg, 1, 8, 80.0).fits

@@ -64,3 +64,23 @@ def test_tp_must_divide_heads_at_build():
         transformer_config(make_arch("flux-dev"), tp=5)
     with pytest.raises(ValueError, match="does not divide SD3's 38 attention heads; use one of 1, 2, 19, 38"):
         transformer_config(make_arch("sd35-large"), tp=4)
+
+
+def test_no_code_outside_models_branches_on_the_family():
+    """A family is one place (models/<family>/, registered in models/registry.py): the rest of the code asks
+    `family_of(arch)`. At most two lines may still test a family, each marked `# family branch:` with the reason."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"family\s*[!=]=\s*[\"']|[\"']\s*[!=]=\s*\w*family\b|\.family in |isinstance\([^)]*Arch\b|"
+                         r"\b(FluxArch|SD3Arch|QwenImageArch|Flux2Arch)\b|is_flux|\barch\.label\s*==")
+    hits = []
+    for folder in ("megatron_senseflow", "data", "tools", "scripts", "slurm"):
+        for path in (repo / folder).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if pattern.search(code):
+                    hits.append((f"{path.relative_to(repo)}:{n}", line.strip()))
+    unmarked = [h for h in hits if "# family branch:" not in h[1]]
+    assert not unmarked and len(hits) <= 2, hits

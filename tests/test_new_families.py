@@ -106,3 +106,55 @@ def test_converted_teacher_samples_like_the_stock_pipeline_of_its_export(exporte
     diff = np.abs(stock - ours).max()
     assert diff <= 1, f"{family}: the stock pipeline's default 4-step call differs from ours by {diff} grey levels"
     assert ours.std() > 2, "the image is not flat (a random model draws structure)"
+
+
+def _sample_sd3(env, root: str):
+    from megatron_senseflow.sample_cli import add_arguments, run
+    from megatron_senseflow.tools.convert_checkpoint import import_checkpoint
+
+    d = Path(root)
+    import_checkpoint(d / "pipe", d / "ckpt", progress=False)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return run(p.parse_args(["--ckpt", str(d / "ckpt"), "--prompts", str(d / "prompts.txt"), "--out", str(d / "samples"),
+                             "--text-encoder", str(d / "pipe"), "--sampler", "euler", "--steps", "4", "--resolution",
+                             str(RES)]))
+
+
+def test_an_sd3_export_samples_at_the_anchors_with_the_printed_call(tmp_path):
+    """StableDiffusion3Pipeline's default 4 steps are not the anchors (1, .9, .75, .5); no scheduler config can make
+    them so while the timestep stays 1000 sigma. `senseflow export` prints the call that does, and that call on the
+    exported pipeline draws our Euler sample to one grey level."""
+    import re
+    import subprocess
+    import sys
+
+    import diffusers
+    from PIL import Image
+
+    from tests.data_helpers import CLIP_LEN, tiny_components, tiny_transformer
+
+    components = tiny_components("sd3")
+    transformer = tiny_transformer("tiny-sd3", joint_attention_dim=40, pooled_projection_dim=20)
+    diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                       **components).save_pretrained(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+    assert run_distributed(_sample_sd3, 1, str(tmp_path)) == [0]
+    r = subprocess.run([sys.executable, "-m", "megatron_senseflow.cli", "export", "--ckpt", str(tmp_path / "ckpt"),
+                        "--out", str(tmp_path / "student"), "--base-pipeline", str(tmp_path / "pipe"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    call = re.search(r"call it as (StableDiffusion3Pipeline.*\))", r.stdout)
+    assert call and "num_inference_steps=4, sigmas=[1, 0.75, 0.5, 0.25], guidance_scale=1.0" in call.group(1), r.stdout
+
+    ours = np.asarray(Image.open(tmp_path / "samples" / "00000_00.png"), dtype=np.int16)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "student")
+    noise = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt=PROMPT, height=RES, width=RES, latents=noise, output_type="np", guidance_scale=1.0,
+              max_sequence_length=77 + 77 - CLIP_LEN)  # ours: the SD3.x family's 154 tokens, CLIP's 16 first
+
+    def grey_levels(**extra):
+        return int(np.abs(np.round(pipe(**kw, **extra).images[0] * 255).astype(np.int16) - ours).max())
+
+    assert grey_levels(num_inference_steps=4, sigmas=[1.0, 0.75, 0.5, 0.25]) <= 1
+    assert grey_levels(num_inference_steps=4) > 1  # the default call samples elsewhere

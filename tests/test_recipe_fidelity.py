@@ -400,7 +400,7 @@ def test_readme_recipe_table_is_the_recipe_cards():
 
 
 def test_docs_recipe_cards_are_the_dry_run_cards():
-    """docs/recipes.md shows the `--dry-run` cards of the four main recipes (without the paths a real run needs):
+    """docs/recipes.md shows the `--dry-run` cards of the main recipes (without the paths a real run needs):
     a change of a recipe, a law or the memory plan must show there too."""
     import re
     from pathlib import Path
@@ -410,7 +410,7 @@ def test_docs_recipe_cards_are_the_dry_run_cards():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
     shown = re.findall(r"```\n(recipe card: .*?)\n```", text.split("## Recipe cards", 1)[1], re.S)
-    names = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium")
+    names = ("flux_dev", "sd35_large", "sd35_medium", "sd3_medium", "qwen_image", "flux2_dev", "flux2_klein")
     want = ["\n".join(ln for ln in render(recipe_card(load_config(n))).splitlines() if not ln.startswith("  missing:"))
             for n in names]
     assert len(shown) == len(names)

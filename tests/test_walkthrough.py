@@ -20,15 +20,17 @@ import torch
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
-# what the README says a CPU needs: paths into the working directory, small sizes, two processes, two steps
+# what the README says a CPU needs: paths into the working directory, small sizes, two processes, five steps
 SUBSTITUTIONS = [("/models/", "models/"), ("/data/", "data/"), ("--resolution 1024", "--resolution 64"),
                  ("--workers 16", "--workers 2"), ("--nproc-per-node 8", "--nproc-per-node 2"),
-                 ("parallel.tp=8", "parallel.tp=2 train.max_steps=2 data.resolution=64")]
+                 ("parallel.tp=8", "parallel.tp=2 train.max_steps=5 data.resolution=64")]
+FLUX_SECTION = "## From a diffusers checkpoint to a student"
+QWEN_SECTION = "### Qwen-Image and FLUX.2: the 2025 teachers on one node"
 
 
-def readme_commands() -> list[str]:
+def readme_commands(section_title: str = FLUX_SECTION) -> list[str]:
     text = (REPO / "README.md").read_text()
-    section = text.split("## From a diffusers checkpoint to a student", 1)[1]
+    section = text.split(section_title, 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     joined = re.sub(r"\\\n\s*", "", block)
     commands = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
@@ -48,8 +50,7 @@ def build_models(models: Path, tmp: Path) -> None:
     """models/FLUX.1-dev (a tiny FLUX.1-dev pipeline whose CLIP-L is 768 wide, as the real one),
     models/dinov2-large (24 blocks, as ViT-L/14), models/clip-vit-large-patch14 (768-wide text tower)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTextModel, Dinov2Config, Dinov2Model, T5Config, T5EncoderModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     clip_tok, t5_tok = _tokenizers(tmp)
@@ -72,6 +73,19 @@ def build_models(models: Path, tmp: Path) -> None:
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
                  tokenizer_2=t5_tok, transformer=transformer).save_pretrained(models / "FLUX.1-dev")
+    build_discriminator_models(models, tmp)
+
+
+def build_discriminator_models(models: Path, tmp: Path) -> None:
+    """models/dinov2-large (24 blocks, as ViT-L/14) and models/clip-vit-large-patch14 (768-wide text tower)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, Dinov2Config, Dinov2Model
+
+    from tests.test_convert_pipeline import _clip_tokenizer
+
+    clip_tok = _clip_tokenizer(tmp / "tok_clip_d")
+    text = dict(vocab_size=len(clip_tok), intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=len(clip_tok) - 2, eos_token_id=len(clip_tok) - 1,
+                pad_token_id=len(clip_tok) - 1)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=24, num_attention_heads=2, mlp_ratio=2, patch_size=4,
                              image_size=64)).save_pretrained(models / "dinov2-large")
     cfg = CLIPConfig(text_config=dict(hidden_size=768, **text), projection_dim=768,
@@ -108,20 +122,15 @@ def build_data(work: Path) -> None:
     torch.jit.script(_StandInInception()).save(str(work / "inception-2015-12-05.pt"))
 
 
-def test_readme_walkthrough(tmp_path):
-    work = tmp_path / "work"
-    (work / "models").mkdir(parents=True)
-    build_models(work / "models", tmp_path)
-    build_data(work)
+def run_block(work: Path, section: str, run_name: str) -> list[tuple[str, float]]:
+    """Every command of a README code block, with the CPU substitutions, in `work`; the checks each step owes."""
     # the working directory's models/ and data/ are the user's folders: they must not shadow our packages
     for name in ("models", "data"):
         (work / name / "__init__.py").write_text(f"raise ImportError('the working directory\\'s {name}/ was imported')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     timings = []
-    for command in readme_commands():
+    for command in readme_commands(section):
         t0 = time.time()
-        r = subprocess.run(shlex.split(command), cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(shlex.split(command), cwd=work, env=ENV, capture_output=True, text=True, timeout=900)
         timings.append((command.split()[1] if command.startswith("senseflow") else "torchrun (train)", time.time() - t0))
         assert r.returncode == 0, f"{command}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out = r.stdout + r.stderr
@@ -134,24 +143,94 @@ def test_readme_walkthrough(tmp_path):
         if "memory-plan" in command:
             assert "fits" in r.stdout
         if command.startswith("torchrun"):
-            assert "stand-in" not in out and (work / "runs" / "flux" / "DONE").is_file(), out[-3000:]
+            assert "stand-in" not in out and (work / "runs" / run_name / "DONE").is_file(), out[-3000:]
         if " sample " in f" {command} ":
-            assert "sampling the generator of step_00000002" in r.stdout and "of 64 px" in r.stdout
+            assert "sampling the generator of step_00000005" in r.stdout and "of 64 px" in r.stdout
         if " export " in f" {command} ":
-            assert "exporting the generator of step_00000002" in r.stdout
+            assert "exporting the generator of step_00000005" in r.stdout
         if " eval " in f" {command} ":
             assert "fid:" in r.stdout and "clip_score:" in r.stdout
             assert "warning: FID from 2 images is dominated by sampling noise" in out, out[-2000:]
             # 64 px samples: patch FID cannot crop 299 px patches, and says that it equals FID here
             assert "patch_fid:" in r.stdout and "below the 299 px patch" in out, out[-2000:]
-    assert len(list((work / "samples").glob("*.png"))) == 2
+    return timings
 
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def euler_sample(work: Path, run: str, text_encoder: str) -> np.ndarray:
+    """`senseflow sample --sampler euler` of the run's generator for the first prompt (seed 0, as the default)."""
+    from PIL import Image
+
+    r = subprocess.run(["senseflow", "sample", "--ckpt", f"runs/{run}", "--text-encoder", text_encoder, "--prompts",
+                        "prompts.txt", "--out", f"euler-{run}/", "--sampler", "euler"], cwd=work, env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.asarray(Image.open(work / f"euler-{run}" / "00000_00.png"), dtype=np.int16)
+
+
+def first_noise(channels: int, side: int) -> torch.Tensor:
+    """The noise `senseflow sample` draws for the first prompt: one batch of both prompts from seed 0."""
+    return torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))[:1]
+
+
+def differs_from_teacher(student: Path, teacher: Path) -> bool:
+    from tests.convert_helpers import load_all
+
+    a, b = load_all(student), load_all(teacher)
+    common = a.keys() & b.keys()
+    assert len(common) > 10
+    return any(not torch.equal(a[k].float(), b[k].float()) for k in common)
+
+
+def test_readme_walkthrough(tmp_path):
     from diffusers import FluxPipeline
 
+    from megatron_senseflow.models.flux.model import pack_latents
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    build_models(work / "models", tmp_path)
+    build_data(work)
+    timings = run_block(work, FLUX_SECTION, "flux")
+    assert len(list((work / "samples").glob("*.png"))) == 2
+    # the run trained: the exported student is not the teacher
+    assert differs_from_teacher(work / "student" / "transformer", work / "models" / "FLUX.1-dev" / "transformer")
+
+    ours = euler_sample(work, "flux", "models/FLUX.1-dev")
     pipe = FluxPipeline.from_pretrained(work / "student")
     assert pipe.transformer.config.guidance_embeds is False
     image = pipe("a photo of the cat", height=64, width=64, num_inference_steps=4, guidance_scale=1.0,
-                 max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+                 max_sequence_length=512, latents=pack_latents(first_noise(4, 32)), output_type="np").images[0]
+    stock = np.round(image * 255).astype(np.int16)
+    assert np.abs(stock - ours).max() <= 1, np.abs(stock - ours).max()
     (tmp_path / "timings.json").write_text(json.dumps(timings))
     print("\n".join(f"{name:24s} {sec:6.1f} s" for name, sec in timings))
+
+
+def test_readme_walkthrough_qwen_image(tmp_path):
+    """The Qwen-Image block: LoRA students on the shared base, merged into the stock QwenImagePipeline."""
+    from diffusers import QwenImagePipeline
+
+    from megatron_senseflow.models.flux.model import pack_latents
+    from tests.data_helpers import save_full_pipeline
+
+    work = tmp_path / "work"
+    models = work / "models"
+    models.mkdir(parents=True)
+    # 8 heads, so that the recipe's TP=8 (its --dry-run card) divides them
+    save_full_pipeline(models / "Qwen-Image", "qwen_image", num_attention_heads=8, attention_head_dim=8,
+                       axes_dims_rope=(2, 2, 4))
+    build_discriminator_models(models, tmp_path)
+    build_data(work)
+    run_block(work, QWEN_SECTION, "qwen")
+    assert differs_from_teacher(work / "student-qwen" / "transformer", models / "Qwen-Image" / "transformer")
+
+    ours = euler_sample(work, "qwen", "models/Qwen-Image")
+    pipe = QwenImagePipeline.from_pretrained(work / "student-qwen")
+    image = pipe("a photo of the cat", height=64, width=64, num_inference_steps=4,
+                 latents=pack_latents(first_noise(4, 16)), output_type="np").images[0]
+    stock = np.round(image * 255).astype(np.int16)
+    assert np.abs(stock - ours).max() <= 1, np.abs(stock - ours).max()

@@ -386,7 +386,11 @@ def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool 
         tensors[f"transformer.{key}"] = t.contiguous()
     out = Path(out)
     _prepare_out(out, overwrite)
-    save_file(tensors, str(out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    path = out / "pytorch_lora_weights.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; readable like the rest of an export
     fsync_tree(out)
     return out
 
