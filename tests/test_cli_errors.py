@@ -36,10 +36,13 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "other_family", "arch_disagrees", "lr_negative", "lr_nan",
-                                  "nproc_2", "stand_in_teacher", "stand_in_data"])
+                                  "nproc_2", "stand_in_teacher", "stand_in_data", "shallow_dinov2"])
 def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
+    from transformers import Dinov2Config
+
     empty = tmp_path / "empty"
     empty.mkdir()
+    Dinov2Config(hidden_size=32, num_hidden_layers=6, num_attention_heads=2).save_pretrained(tmp_path / "dinov2")
     out = f"train.output_dir={tmp_path / 'run'}"
     args, expect = {
         "not_a_checkpoint": (["tiny", f"roles.teacher.checkpoint={empty}"], "is not a senseflow model checkpoint"),
@@ -53,6 +56,9 @@ def test_bad_input_is_one_sentence_and_exit_2(case, checkpoints, tmp_path):
         "stand_in_teacher": (["flux_dev"], "roles.teacher.checkpoint is not set: a flux-dev run needs the teacher"),
         "stand_in_data": (["sd35_medium", f"roles.teacher.checkpoint={checkpoints['sd3']}",
                            "roles.discriminator.enabled=false"], "data.path is not set: a sd35-medium run needs shards"),
+        # a DINOv2 shallower than the recipe's taps, refused from its config.json before any model is built
+        "shallow_dinov2": (["tiny", f"roles.discriminator.dinov2={tmp_path / 'dinov2'}",
+                            "roles.discriminator.feature_layers=[2,5,8]"], "has 6 blocks, but roles.discriminator"),
     }[case]
     line = one_line_error(senseflow("train", *args, out))
     assert expect in line, line

@@ -158,3 +158,41 @@ def test_fp8_roles_reach_megatron_transformer_config():
                            fp8_param=cfg.roles.teacher.fp8_weights)
     assert (t.fp8, t.fp8_recipe, t.fp8_param) == ("e4m3", "tensorwise", True)
     assert transformer_config(arch).fp8 is None
+
+
+def test_discriminator_paths_are_checked_from_their_config_files_before_anything_is_built(tmp_path):
+    """Issue 30's refusals: one true sentence each, from config files alone (Config.missing_assets, which the trainer
+    and --dry-run check first), whatever the recipe's purpose; and a path the run will not read is reported."""
+    from transformers import Dinov2Config
+
+    shallow = tmp_path / "dinov2-small"
+    Dinov2Config(hidden_size=32, num_hidden_layers=6, num_attention_heads=2).save_pretrained(shallow)
+    cfg = load_config("tiny", [f"roles.discriminator.dinov2={shallow}", "roles.discriminator.feature_layers=[2,5,8]"])
+    assert cfg.missing_assets() == [
+        f"roles.discriminator.dinov2={shallow} has 6 blocks, but roles.discriminator.feature_layers=[2, 5, 8] taps "
+        "block 8 (0-based); use DINOv2 ViT-L/14 (24 blocks, the authors' taps) or list only blocks below 6."]
+    cfg = load_config("tiny", [f"roles.discriminator.dinov2={tmp_path / 'nowhere'}"])
+    assert cfg.missing_assets()[0].startswith(f"roles.discriminator.dinov2={tmp_path / 'nowhere'} is not a transformers "
+                                              "DINOv2 directory")
+    # FLUX.1 reads the CLIP folder (its text projection): a path that is not there is refused ...
+    cfg = load_config("tiny", ["roles.discriminator.text_condition=clip_l", "model.arch.pooled_projection_dim=768",
+                               f"roles.discriminator.clip={tmp_path / 'nowhere'}"])
+    assert any("roles.discriminator.clip=" in m and "is not a directory" in m for m in cfg.missing_assets())
+    # ... a run that does not read it says so in its banner and card, instead of passing silently
+    cfg = load_config("tiny", ["model.preset=tiny-sd3", "distill.guidance_mode=cfg",
+                               f"roles.discriminator.clip={tmp_path / 'nowhere'}"])
+    assert cfg.notes() == [f"roles.discriminator.clip={tmp_path / 'nowhere'} is not read: the heads are conditioned on "
+                           "the pooled vector (text_condition=pooled)."]
+    assert not cfg.missing_assets()
+
+
+def test_a_pooled_vector_that_is_not_clip_l_names_a_fix_that_exists():
+    """The pooled width refusal no longer sends a training run to a stand-in that it then refuses."""
+    with pytest.raises(ConfigError) as test_recipe:
+        load_config("tiny", ["roles.discriminator.text_condition=clip_l"])
+    assert "its text encoder is not CLIP ViT-L/14" in str(test_recipe.value)
+    assert "roles.discriminator.text_condition=pooled" in str(test_recipe.value)
+    with pytest.raises(ConfigError) as training:
+        load_config("flux_dev", ["model.preset=tiny-flux"])
+    msg = str(training.value)
+    assert "roles.discriminator.enabled=false" in msg and "text_condition=pooled" not in msg, msg
