@@ -72,7 +72,7 @@ def read_meta(directory: str | Path) -> dict:
 
 def checkpoint_arch(directory: str | Path) -> Arch:
     """The architecture a role checkpoint records (the one reader of senseflow_model.json, with its checks)."""
-    from .configs import ArchError
+    from .arch_base import ArchError
 
     meta = read_meta(directory)
     try:
@@ -182,7 +182,7 @@ def checkpoint_layout(arch: Arch, lora=None) -> dict[str, StoredTensor]:
     """
     from megatron.core import parallel_state as ps
 
-    from . import build_model, transformer_config
+    from .build import build_model, transformer_config
 
     tp = ps.get_tensor_model_parallel_world_size()
     with torch.device("meta"):

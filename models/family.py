@@ -32,7 +32,7 @@ class Family:
     name: ClassVar[str]
     """Short name stored in checkpoints (`senseflow_model.json`) and used on command lines."""
     label: ClassVar[str]
-    """Name for people: 'FLUX.1', 'SD3', 'Qwen-Image', 'FLUX.2'."""
+    """Name for people: 'FLUX', 'SD3', 'Qwen-Image', 'FLUX.2' (its architecture's `label`)."""
     arch_cls: ClassVar[type]
     """Its architecture dataclass (models/configs.py ArchBase); field names follow diffusers' config.json."""
     presets: ClassVar[dict[str, Any]]

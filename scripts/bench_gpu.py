@@ -88,8 +88,8 @@ def _backward(out):
 
 
 def bench_blocks(args, device, peak) -> list[dict]:
-    from megatron_senseflow.models.flops import flux_single_block, mmdit_block
-    from megatron_senseflow.models.flux import image_ids, text_ids
+    from megatron_senseflow.models.costs import flux_single_block, mmdit_block
+    from megatron_senseflow.models.flux.model import image_ids, text_ids
     from megatron_senseflow.models.layers import fp8_context
 
     s_img, s_txt = (64, 16) if args.dry_run else (4096, 512)
@@ -135,8 +135,8 @@ def diffusers_blocks(args, device, peak, s_img, s_txt) -> list[dict]:
     from diffusers.models.embeddings import FluxPosEmbed
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from megatron_senseflow.models.flops import flux_single_block, mmdit_block
-    from megatron_senseflow.models.flux import image_ids, text_ids
+    from megatron_senseflow.models.costs import flux_single_block, mmdit_block
+    from megatron_senseflow.models.flux.model import image_ids, text_ids
 
     w = flux_width(args.dry_run)
     heads, d = w["num_attention_heads"], w["attention_head_dim"]
@@ -214,7 +214,7 @@ def authors_iteration(args, device) -> float:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from megatron_senseflow import flow
-    from megatron_senseflow.models.flux import image_ids, pack_latents, text_ids, unpack_latents
+    from megatron_senseflow.models.flux.model import image_ids, pack_latents, text_ids, unpack_latents
 
     a = iteration_arch(args)
     kw = dict(in_channels=a["in_channels"], num_layers=a["num_layers"], num_single_layers=a["num_single_layers"],

@@ -62,7 +62,7 @@ def sample(arch, batch: dict, i: int, device, dtype) -> dict:
 
 
 def check_layout(arch, tp: int, pp: int, world: int) -> None:
-    from megatron_senseflow.models.configs import LayoutError
+    from megatron_senseflow.models.arch_base import LayoutError
 
     try:
         arch.check_layout(tp, pp, world=world, exact_world=True, names={"tp": "--tp", "pp": "--pp"})
@@ -234,9 +234,9 @@ def run_for(verb: str, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_senseflow.train_cli import quiet_known_warnings
+    from megatron_senseflow.train_cli import process_start
 
-    quiet_known_warnings()
+    process_start()
     return run(build_parser().parse_args(argv))
 
 

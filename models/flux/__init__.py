@@ -10,17 +10,16 @@ import math
 
 import torch
 
-from .. import flops as F
+from .. import costs as F
 from ..family import Family
-from ..hf_mapping import attention_groups, condition_groups, linear, mlp_groups
+from ..weight_groups import attention_groups, condition_groups, linear, mlp_groups
 from .arch import PRESETS, FluxArch
-from .model import image_ids, pack_latents, text_ids, unpack_latents
 
 
 class Flux1Family(Family):
     name = "flux"
-    label = "FLUX"
     arch_cls = FluxArch
+    label = FluxArch.label
     presets = PRESETS
     pipelines = ("FluxPipeline",)
     default_text_length = 512  # SenseFlow's FLUX encode_prompt: T5 max_sequence_length 512
@@ -54,6 +53,8 @@ class Flux1Family(Family):
 
     # ------------------------------------------------------------------ interface
     def model_inputs(self, arch, x, sigma, text, pooled, guidance=None):
+        from .model import image_ids, pack_latents, text_ids
+
         h, w = x.shape[-2:]
         kw = dict(hidden_states=pack_latents(x), encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma,
                   img_ids=image_ids(h, w, x.device), txt_ids=text_ids(text.shape[1], x.device))
@@ -64,12 +65,16 @@ class Flux1Family(Family):
         return kw
 
     def velocity(self, arch, out, x):
+        from .model import unpack_latents
+
         return unpack_latents(out, *x.shape[-2:])
 
     def image_tokens(self, arch, latent_h, latent_w):
         return (latent_h // 2) * (latent_w // 2)
 
     def reference_inputs(self, arch, batch, latent_hw, num_txt, g, guidance):
+        from .model import image_ids, text_ids
+
         h, w = latent_hw
         text = torch.randn(batch, num_txt, arch.joint_attention_dim, generator=g)
         pooled = torch.randn(batch, arch.pooled_projection_dim, generator=g)

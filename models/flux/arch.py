@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..configs import ArchBase, ArchError
+from ..arch_base import ArchBase, ArchError
 
 
 @dataclass(kw_only=True)
@@ -12,6 +12,7 @@ class FluxArch(ArchBase):
     """FLUX.1 (`FluxTransformer2DModel`): double-stream MMDiT blocks, then single-stream blocks."""
 
     family: ClassVar[str] = "flux"
+    label: ClassVar[str] = "FLUX"
     diffusers_class: ClassVar[str] = "FluxTransformer2DModel"
 
     patch_size: int = 1

@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from .. import flops as F
+from .. import costs as F
 from ..family import Family
-from ..hf_mapping import Group, attention_groups, condition_groups, linear, mlp_groups
+from ..weight_groups import Group, attention_groups, condition_groups, linear, mlp_groups
 from .arch import PRESETS, Flux2Arch
 
 
@@ -36,8 +36,8 @@ def empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 class Flux2Family(Family):
     name = "flux2"
-    label = "FLUX.2"
     arch_cls = Flux2Arch
+    label = Flux2Arch.label
     presets = PRESETS
     pipelines = ("Flux2KleinPipeline", "Flux2Pipeline")
     default_text_length = 512  # both pipelines' max_sequence_length

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..configs import ArchBase, ArchError
+from ..arch_base import ArchBase, ArchError
 
 CLIP_L_DIM = 768  # the pooled vector FLUX.2 batches carry: CLIP ViT-L/14's text embedding (the discriminator's)
 
@@ -16,6 +16,7 @@ class Flux2Arch(ArchBase):
     by all blocks of a kind, SwiGLU MLPs, no biases, 4-axis RoPE, and a patchified 128-channel latent."""
 
     family: ClassVar[str] = "flux2"
+    label: ClassVar[str] = "FLUX.2"
     diffusers_class: ClassVar[str] = "Flux2Transformer2DModel"
 
     patch_size: int = 1

@@ -13,16 +13,16 @@ import math
 
 import torch
 
-from .. import flops as F
+from .. import costs as F
 from ..family import Family
-from ..hf_mapping import Group, attention_groups, condition_groups, linear, mlp_groups
+from ..weight_groups import Group, attention_groups, condition_groups, linear, mlp_groups
 from .arch import PRESETS, QwenImageArch
 
 
 class QwenImageFamily(Family):
     name = "qwen_image"
-    label = "Qwen-Image"
     arch_cls = QwenImageArch
+    label = QwenImageArch.label
     presets = PRESETS
     pipelines = ("QwenImagePipeline",)
     default_text_length = 512  # QwenImagePipeline's max_sequence_length

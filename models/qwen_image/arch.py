@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..configs import ArchBase, ArchError
+from ..arch_base import ArchBase, ArchError
 
 CLIP_L_DIM = 768  # the pooled vector Qwen-Image batches carry: CLIP ViT-L/14's text embedding (the discriminator's)
 
@@ -15,6 +15,7 @@ class QwenImageArch(ArchBase):
     Qwen2.5-VL (RMS-normed, then projected), a time embedding only (no pooled text, no guidance input)."""
 
     family: ClassVar[str] = "qwen_image"
+    label: ClassVar[str] = "Qwen-Image"
     diffusers_class: ClassVar[str] = "QwenImageTransformer2DModel"
 
     patch_size: int = 2

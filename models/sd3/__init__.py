@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import flops as F
+from .. import costs as F
 from ..family import Family
-from ..hf_mapping import Group, attention_groups, condition_groups, linear, mlp_groups
+from ..weight_groups import Group, attention_groups, condition_groups, linear, mlp_groups
 from .arch import PRESETS, SD3Arch
 
 
 class SD3Family(Family):
     name = "sd3"
-    label = "SD3"
     arch_cls = SD3Arch
+    label = SD3Arch.label
     presets = PRESETS
     pipelines = ("StableDiffusion3Pipeline",)
     # the distillation trainers' prompt length: SenseFlow's SD3.5 and SiD-DiT's SD3 encode T5 with max_length 77

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..configs import ArchBase, ArchError
+from ..arch_base import ArchBase, ArchError
 
 
 @dataclass(kw_only=True)
@@ -12,6 +12,7 @@ class SD3Arch(ArchBase):
     """SD3 / SD3.5 MMDiT (`SD3Transformer2DModel`)."""
 
     family: ClassVar[str] = "sd3"
+    label: ClassVar[str] = "SD3"
     diffusers_class: ClassVar[str] = "SD3Transformer2DModel"
     guidance_embeds: ClassVar[bool] = False  # no guidance input: SD3.x takes real CFG
 
