@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     verb, rest = argv[0], argv[1:]
-    from .train_cli import quiet_known_warnings
+    from .train_cli import process_start
 
-    quiet_known_warnings()
+    process_start()
     module = importlib.import_module(VERBS[verb][0])
     sub = argparse.ArgumentParser(prog=f"senseflow {verb}", description=VERBS[verb][1])
     if hasattr(module, "add_arguments_for"):

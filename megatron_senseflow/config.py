@@ -1,42 +1,23 @@
-"""Typed run configuration: one dataclass per component, YAML recipes, dotted overrides.
+"""The run's settings: one dataclass per component, each field with its meaning, and the checks that span fields.
 
-A recipe is a YAML file whose keys map one to one onto these dataclasses;
-an unknown key is an error that names the key and the file. Command-line
-overrides use dotted paths (`parallel.tp=2`, `roles.generator.optimizer.lr=1e-5`)
-and are parsed as YAML scalars, so `1e-5`, `true` and `[1, 2]` mean what they say.
+A recipe is a YAML file whose keys map one to one onto these dataclasses (typed_yaml.py reads it: an unknown
+key is an error that names the key and the file). Command-line overrides use dotted paths (`parallel.tp=2`,
+`roles.generator.optimizer.lr=1e-5`). What a run needs beyond its settings (the assets of a training run, the
+discriminator's inputs, which the objective decides to train) preflight.py checks.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-
-from megatron_senseflow.errors import ConfigError, UserError  # noqa: F401  (ConfigError is re-exported)
+from megatron_senseflow import typed_yaml
+from megatron_senseflow.errors import ConfigError
+from megatron_senseflow.typed_yaml import Range
 from megatron_senseflow.models.configs import Arch, ArchError, make_arch
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-class Range:
-    """Bounds of a numeric field, checked by the loader (`Annotated[float, Range(gt=0)]`)."""
-
-    def __init__(self, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-                 le: float | None = None):
-        self.gt, self.ge, self.lt, self.le = gt, ge, lt, le
-
-    def violation(self, v: float) -> str | None:
-        for bound, ok, word in ((self.gt, lambda b: v > b, "greater than"), (self.ge, lambda b: v >= b, "at least"),
-                                (self.lt, lambda b: v < b, "less than"), (self.le, lambda b: v <= b, "at most")):
-            if bound is not None and not ok(bound):
-                return f"must be {word} {bound:g}"
-        return None
 
 
 Positive = Annotated[float, Range(gt=0)]
@@ -441,120 +422,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """In-loop evaluation: Frechet distance of 4-step samples (stochastic and Euler) against the real data."""
 
-    def wants_discriminator(self) -> bool:
-        """Whether this run trains the discriminator: the method decides (methods.Objective.wants_discriminator)."""
-        from .methods import OBJECTIVES
-
-        return OBJECTIVES[self.method].wants_discriminator(self)
-
-    def _clip_from_pooled(self) -> str:
-        """How the discriminator's CLIP ViT-L/14 condition is read off the pooled vector (models/family.py)."""
-        from .models import family_of
-
-        return family_of(self.model.teacher_arch()).clip_condition
-
-    def stand_ins(self) -> list[str]:
-        """What this run replaces by a stand-in, one phrase each (the start banner lists them)."""
-        out = []
-        if not self.roles.teacher.checkpoint:
-            out.append("a random teacher (roles.teacher.checkpoint is not set)")
-        if not self.data.path:
-            out.append("synthetic data (data.path is not set)")
-        dc = self.roles.discriminator
-        if self.wants_discriminator():
-            if not dc.dinov2 or dc.dinov2 == "tiny":
-                out.append(f"a random tiny DINOv2 (roles.discriminator.dinov2={dc.dinov2})")
-            if not dc.vae or dc.vae == "pixel":
-                out.append("the pixel codec decodes latents for the discriminator (roles.discriminator.vae is not set)")
-            if dc.text_condition == "pooled":
-                out.append("the pooled text embedding conditions the discriminator instead of CLIP ViT-L/14 "
-                           "(roles.discriminator.text_condition=pooled)")
-        return out
-
-    def missing_assets(self) -> list[str]:
-        """Sentences naming what a training run (purpose 'training') still needs; empty when it can start.
-
-        Bundled recipes leave these paths null because nothing is downloaded; starting a
-        12B run against a random teacher or a random DINOv2 would burn a cluster for nothing.
-        Test and demo recipes may run on stand-ins; the banner says which.
-        """
-        missing = self._path_problems()
-        if self.purpose != "training":
-            return missing
-        label = self.model.preset
-        if not self.roles.teacher.checkpoint:
-            missing.append(f"roles.teacher.checkpoint is not set: a {label} run needs the teacher converted with "
-                           f"`senseflow convert import --hf DIR --out CKPT`; pass roles.teacher.checkpoint=CKPT.")
-        if not self.data.path:
-            missing.append(f"data.path is not set: a {label} run needs shards from `senseflow prepare-data`; "
-                           f"pass data.path=DIR.")
-        dc = self.roles.discriminator
-        if self.wants_discriminator():
-            if not dc.dinov2 or dc.dinov2 == "tiny":
-                missing.append(f"roles.discriminator.dinov2 is {dc.dinov2!r}: a {label} run needs a local DINOv2 "
-                               f"ViT-L/14 directory; pass roles.discriminator.dinov2=DIR (or disable the "
-                               f"discriminator with roles.discriminator.enabled=false).")
-            if not dc.vae or dc.vae == "pixel":
-                missing.append(f"roles.discriminator.vae is {dc.vae!r}: a {label} run decodes latents with the "
-                               f"pipeline's VAE; pass roles.discriminator.vae=DIR/vae.")
-            if dc.text_condition == "clip_l" and self._clip_from_pooled() == "project" and not dc.clip:
-                missing.append("roles.discriminator.clip is not set: the heads' CLIP ViT-L/14 condition projects "
-                               "FLUX's pooled CLIP-L embedding with CLIP's text projection; pass "
-                               "roles.discriminator.clip=DIR (a transformers clip-vit-large-patch14).")
-            if dc.text_condition == "pooled":
-                missing.append("roles.discriminator.text_condition=pooled is a stand-in for tests and the demo; a "
-                               "training run conditions the heads on CLIP ViT-L/14 (text_condition=clip_l).")
-        return missing
-
-    def reads_clip(self) -> bool:
-        """Whether this run reads roles.discriminator.clip (FLUX.1's CLIP-L projection for the heads' condition)."""
-        dc = self.roles.discriminator
-        return self.wants_discriminator() and dc.text_condition == "clip_l" and self._clip_from_pooled() == "project"
-
-    def _path_problems(self) -> list[str]:
-        """Paths given for the discriminator that cannot be what they should be, found from their config files
-        alone (before the teacher and the students are built, whatever the purpose)."""
-        import json
-
-        dc, out = self.roles.discriminator, []
-        if not self.wants_discriminator():
-            return out
-        if dc.dinov2 and dc.dinov2 != "tiny":
-            cfg_file = Path(dc.dinov2) / "config.json"
-            if not cfg_file.is_file():
-                out.append(f"roles.discriminator.dinov2={dc.dinov2} is not a transformers DINOv2 directory (no "
-                           f"config.json); pass the local facebook/dinov2-large folder.")
-            else:
-                try:
-                    depth = int(json.loads(cfg_file.read_text())["num_hidden_layers"])
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    depth = None
-                    out.append(f"{cfg_file} cannot be read as a DINOv2 config ({e}); re-download the model.")
-                deepest = max(dc.feature_layers, default=-1)
-                if depth is not None and deepest >= depth:
-                    out.append(f"roles.discriminator.dinov2={dc.dinov2} has {depth} blocks, but "
-                               f"roles.discriminator.feature_layers={list(dc.feature_layers)} taps block {deepest} "
-                               f"(0-based); use DINOv2 ViT-L/14 (24 blocks, the authors' taps) or list only blocks "
-                               f"below {depth}.")
-        if dc.vae and dc.vae != "pixel" and not (Path(dc.vae) / "config.json").is_file():
-            out.append(f"roles.discriminator.vae={dc.vae} is not a diffusers VAE directory (no config.json); pass the "
-                       f"teacher pipeline's vae/ folder.")
-        if dc.clip and self.reads_clip() and not Path(dc.clip).is_dir():
-            out.append(f"roles.discriminator.clip={dc.clip} is not a directory; pass a local transformers CLIP "
-                       f"ViT-L/14 folder (openai/clip-vit-large-patch14).")
-        return out
-
-    def notes(self) -> list[str]:
-        """Settings this run will not read, one sentence each (the start banner and --dry-run print them)."""
-        dc, out = self.roles.discriminator, []
-        if dc.clip and not self.reads_clip():
-            why = ("this run trains no discriminator" if not self.wants_discriminator() else
-                   "the heads are conditioned on the pooled vector (text_condition=pooled)"
-                   if dc.text_condition != "clip_l" else
-                   f"{self.model.teacher_arch().label}'s batches carry CLIP ViT-L/14's text embedding already")
-            out.append(f"roles.discriminator.clip={dc.clip} is not read: {why}.")
-        return out
-
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError with one sentence for the first thing that cannot run.
 
@@ -626,18 +493,6 @@ class Config:
             law = getattr(d, name)
             if law.kind == "uniform_index" and law.index_min > law.index_max:
                 raise ConfigError(f"distill.{name}.index_min={law.index_min} exceeds index_max={law.index_max}.")
-        dc = self.roles.discriminator
-        width, how = arch.pooled_dim, self._clip_from_pooled()
-        if self.wants_discriminator() and dc.text_condition == "clip_l" and (width < 768 if how == "slice" else width != 768):
-            fix = ("in a test or demo recipe (purpose: test) the pooled vector itself can condition the heads "
-                   "(roles.discriminator.text_condition=pooled)" if self.purpose != "training" else
-                   "a training run needs a teacher whose text stack includes CLIP ViT-L/14 (FLUX.1 and SD3.x "
-                   "releases do; Qwen-Image and FLUX.2 shards carry it from `prepare-data --encode --clip`), or "
-                   "the run without the discriminator (roles.discriminator.enabled=false)")
-            raise ConfigError(f"the discriminator's text condition is CLIP ViT-L/14's 768-channel text embedding, "
-                              f"read from the pooled vector of each batch, but this {arch.label} model's pooled vector "
-                              f"is {width} wide, so its text encoder is not CLIP ViT-L/14; {fix}.")
-
 
     def _check_lora(self) -> None:
         g, f = self.roles.generator.lora, self.roles.fake_score.lora
@@ -663,137 +518,7 @@ class Config:
                               "alpha and targets (or rank 0 for both), or disable IDA with distill.ida_lambda=1.")
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp` (after `from __future__ import annotations`)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Annotated:
-        base, *meta = typing.get_args(tp)
-        value = _coerce(value, base, where)
-        for m in meta:
-            problem = m.violation(value) if isinstance(m, Range) else None
-            if problem:
-                raise ConfigError(f"{where}={value!r} {problem}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}.")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}{hint}.")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, not {value!r}.")
-        return _build(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, not {value!r}.")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where} must have {len(args)} entries, not {len(value)}.")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, not {value!r}.")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, not {value!r}.")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}={value!r} must be a finite number.")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, not {value!r}.")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, not {value!r}.")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, not {value!r}.")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}.")
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
-    return _HINTS[cls]
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {where + '.' if where else ''}{key} in {_SOURCE[0]}{hint}.")
-        kwargs[key] = _coerce(value, hints[key], f"{where + '.' if where else ''}{key}")
-    return cls(**kwargs)
-
-
-_SOURCE = ["<config>"]  # name of the file being read, for error messages
-
-
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = d
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section.")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (for example parallel.tp=2).")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+# --------------------------------------------------------------------------- loading (typed_yaml.py reads)
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -809,30 +534,20 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    _SOURCE[0] = source
-    try:
-        return _build(Config, data, "")
-    finally:
-        _SOURCE[0] = "<config>"
+    return typed_yaml.build(Config, data, source)
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe, apply dotted overrides, type-check every key and validate."""
+    """Read a recipe, apply dotted overrides, type-check every key, take the teacher's architecture from its
+    checkpoint and validate the settings (what a run also needs of its objective, preflight.py checks)."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if recipe is not None:
         path = resolve_recipe(recipe)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level.")
-        data = loaded
+        data = typed_yaml.read_mapping(path)
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        typed_yaml.set_dotted(data, *typed_yaml.parse_override(text))
     cfg = config_from_dict(data, source + (" (with overrides)" if overrides else ""))
     if cfg.roles.teacher.checkpoint:
         cfg.model.take_arch_from(cfg.roles.teacher.checkpoint)
@@ -840,18 +555,5 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     return cfg
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(cfg)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+config_to_dict = typed_yaml.to_dict
+dump_config = typed_yaml.dump

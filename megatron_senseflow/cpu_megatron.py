@@ -24,10 +24,16 @@ What it covers, and why each piece is needed (megatron-core 0.16.1 paths):
 - The optimizers (optimizer/optimizer.py, optimizer/distrib_optimizer.py,
   optimizer/clip_grads.py) dispatch on `param.type() == 'torch.cuda.FloatTensor'`;
   the function mode reports CPU tensors' legacy type string with `.cuda.`.
+
+One more piece is about time, not correctness: `leave_fusions_uncompiled()` (called by the entry points before
+megatron-core is imported, and only when the process sees no CUDA).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
+import sys
 from typing import Any
 
 import torch
@@ -229,6 +235,38 @@ def install() -> None:
     _MODE = _CudaToCpu()
     _MODE.__enter__()
     _INSTALLED = True
+
+
+def leave_fusions_uncompiled() -> None:
+    """A process that sees no CUDA, before megatron-core is imported: its fused kernels stay plain functions.
+
+    megatron-core wraps its fused kernels (bias + GeLU / SwiGLU / dropout, its norms) in `torch.compile` when their
+    modules are imported, which imports TorchInductor: 1.1 s of every CPU process's start (each rank of every test
+    run, every `senseflow` verb). Our DiTs never call those kernels, and a CPU has no kernel to fuse them into. So
+    `megatron.core.jit` is provided here with the same names and a decorator that returns the function unchanged
+    (what megatron-core itself does when torch.compile is unavailable). A process with CUDA, or one that has
+    already imported megatron-core, is left as it is."""
+    if "megatron.core" in sys.modules or torch.cuda.is_available():
+        return
+    if not any(isinstance(f, _UncompiledJit) for f in sys.meta_path):
+        sys.meta_path.insert(0, _UncompiledJit())
+
+
+class _UncompiledJit(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Provides `megatron.core.jit` with megatron's names and a decorator that returns the function unchanged. A
+    finder, not a sys.modules entry, so that `megatron` and `megatron.core` still import normally first."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "megatron.core.jit" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, jit):
+        jit.__doc__ = "megatron-core's JIT fuser, left uncompiled in a CPU-only process (megatron_senseflow/cpu_megatron.py)"
+        jit.noop_decorator = lambda func: func
+        jit.jit_fuser = jit.noop_decorator
+        jit.enable_jit_fuser = jit.disable_jit_fuser = lambda: None
 
 
 def installed() -> bool:

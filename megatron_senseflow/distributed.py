@@ -19,11 +19,16 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, ParallelConfig
+from .errors import ConfigError
+from .procs import free_port  # noqa: F401  (tests and launch_env use it from here)
+
+if TYPE_CHECKING:
+    from .config import ParallelConfig
 
 DEFAULT_TIMEOUT_MIN = 30
 
@@ -91,13 +96,6 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 20000
 def slurm_port(job_id: str | int) -> int:
     """A port every task of one job derives alike and that differs between concurrent jobs (10000-29999)."""
     return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_ipv4(host: str) -> str:
@@ -183,7 +181,7 @@ def init_distributed(
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
 
-    from megatron_senseflow.models.configs import LayoutError, check_world
+    from megatron_senseflow.models.arch_base import LayoutError, check_world
 
     try:
         check_world(world, parallel.tp, parallel.pp, parallel.cp)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .roles import trainable_params
+from .weights import trainable_params
 
 EVAL_SEED = 7919  # offset of the evaluation noise streams from train.seed
 

@@ -27,6 +27,7 @@ import threading
 import time
 
 from . import errors
+from .procs import die_with_parent, free_port
 
 GRACE_S = 10.0  # how long ranks get to act on SIGINT before they are killed
 POLL_S = 0.05
@@ -82,8 +83,6 @@ class _Stderr:
 def launch(nproc: int, argv: list[str], last_checkpoint=lambda: None, module: str = "megatron_senseflow.train_cli",
            prog: str = "senseflow train") -> int:
     """Run `python -m module argv` in `nproc` ranks; `last_checkpoint()` names the newest complete checkpoint."""
-    from .distributed import free_port
-
     port = str(free_port())
     procs: list[subprocess.Popen] = []
     errs = _Stderr()
@@ -144,32 +143,6 @@ def launch(nproc: int, argv: list[str], last_checkpoint=lambda: None, module: st
         print(f"{prog}: rank {rank} {how}; the other ranks were stopped.", file=sys.stderr, flush=True)
         return errors.ERROR
     return code
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """In a child process (a rank, before exec; a helper process of a rank): SIGKILL it when its parent dies
-    (a killed launcher must not leave ranks running; Linux prctl PR_SET_PDEATHSIG, a no-op elsewhere).
-    `parent`: the pid the child was started by; a parent that died before the prctl took effect (the signal
-    would then never come) ends the child here."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if parent is not None and os.getppid() != parent:
-        os._exit(0)
-
-
-def quiet_helper(parent: int) -> None:
-    """Initializer of a rank's helper server (megatron's checkpoint results queue): end with the rank, and say
-    nothing. A rank killed while its server starts leaves the server failing to send its address to the dead
-    rank; that traceback would land in the rank's stderr, under the launcher's one line about the killed
-    rank. The server's failures show in the rank itself, as a broken queue."""
-    die_with_parent(parent)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # sys.stderr writes to fd 2
-    os.close(devnull)
 
 
 def _signal_group(p: subprocess.Popen, signum: int) -> None:

@@ -97,7 +97,7 @@ def _own_write_results_queue() -> None:
     import os
     from multiprocessing.managers import SyncManager
 
-    from .launcher import quiet_helper
+    from .procs import quiet_helper
 
     _results_manager = SyncManager(ctx=mp.get_context("spawn"))
     # a light module: the spawned server imports what its initializer's module imports

@@ -154,6 +154,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     from megatron_senseflow.models import family_of
     from megatron_senseflow.models.flops import image_tokens, param_count
 
+    from . import preflight
     from .discriminator import CLIP_L_DIM, head_param_count
 
     p = cfg.parallel
@@ -212,7 +213,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
         roles.append(r)
 
     dc = cfg.roles.discriminator
-    if cfg.wants_discriminator() and not cfg.model.preset.startswith("tiny"):
+    if preflight.wants_discriminator(cfg) and not cfg.model.preset.startswith("tiny"):
         v = DINOV2_VITL
         num_heads = len(dc.feature_layers) + int(dc.patch_features)
         text_dim = CLIP_L_DIM if dc.text_condition == "clip_l" else t_arch.pooled_dim
@@ -250,7 +251,9 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> Plan:
     return Plan(header, roles, peak, phase, runtime, total, gpu_mem_gb * GB)
 
 
-def render(pl: Plan) -> str:
+def render(pl: Plan, layouts: str | None = None) -> str:
+    """The plan as a table; `layouts` (the layouts of the cluster that fit) goes above the verdict, which stays the
+    last line."""
     lines = [pl.header, ""]
     lines.append(f"{'role':<14}{'params/GPU':>12}{'weights':>10}{'grads':>9}{'optimizer':>11}{'activations':>13}{'host':>8}")
     for r in pl.roles:
@@ -267,6 +270,8 @@ def render(pl: Plan) -> str:
     for r in pl.roles:
         for n in r.notes:
             lines.append(f"  {r.name}: {n}")
+    if layouts:
+        lines.append(layouts)
     if pl.fits:
         lines.append(f"fits: {(pl.gpu_mem - pl.total) / GB:.1f} GB to spare.")
     else:
@@ -292,7 +297,7 @@ def fitting_layouts(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> l
     dividing the heads, PP a power of two up to 8, data parallel filling the rest."""
     import dataclasses
 
-    from megatron_senseflow.models.configs import divisors
+    from megatron_senseflow.models.arch_base import divisors
 
     arch, world = cfg.model.teacher_arch(), nodes * gpus_per_node
     out = []
@@ -309,6 +314,7 @@ def fitting_layouts(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float) -> l
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import preflight
     from .config import ConfigError, load_config
 
     layout = [f"parallel.tp={args.tp}"] if args.tp else []
@@ -317,18 +323,19 @@ def run(args: argparse.Namespace) -> int:
     world = args.nodes * args.gpus_per_node
     if world < 1:
         raise ConfigError("--nodes and --gpus-per-node must be at least 1.")
-    cfg.validate(world_size=world)
+    preflight.check(cfg, world)
     pl = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem)
-    print(render(pl))
+    layouts = None
     if not (args.tp or args.pp):  # the recipe's layout was asked: say which layouts of this cluster fit
         found = fitting_layouts(cfg, args.nodes, args.gpus_per_node, args.gpu_mem)
         if found:
             best = ", ".join(f"tp={tp} pp={pp} ({gb:.1f} GB)" for tp, pp, gb in found[:4])
-            print(f"layouts of this cluster that fit, least memory first: {best}; pass --tp / --pp (or parallel.tp / "
-                  f"parallel.pp to the run) to use one.")
+            layouts = (f"layouts of this cluster that fit, least memory first: {best}; pass --tp / --pp (or "
+                       f"parallel.tp / parallel.pp to the run) to use one.")
         else:
-            print(f"no tp x pp layout of {args.nodes} node(s) x {args.gpus_per_node} GPUs fits {args.gpu_mem:g} GB; "
-                  "add nodes, or see the suggestions above.")
+            layouts = (f"no tp x pp layout of {args.nodes} node(s) x {args.gpus_per_node} GPUs fits "
+                       f"{args.gpu_mem:g} GB; add nodes, or see the suggestions below.")
+    print(render(pl, layouts))
     return 0 if pl.fits else 1
 
 

@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from . import flow, losses
 from .config import Config, TimestepLaw
 from .rng import BatchRandom, mix, sample_ids
-from .roles import Role, Roles, frozen, ida_blend
+from .weights import frozen, ida_blend
+
+if TYPE_CHECKING:  # roles.py imports megatron-core; preflight.py reads OBJECTIVES where no model is built
+    from .roles import Role, Roles
 
 
 class UpdateGuard(Protocol):

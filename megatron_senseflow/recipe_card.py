@@ -44,6 +44,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     from . import flow
     from .codec import codec_factor
     from .memory_plan import plan
+    from . import preflight
     from .methods import OBJECTIVES, gan_weights, isg_grid, isg_sigma
     from .models import family_of
     from .models.flops import image_tokens
@@ -51,7 +52,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     p, d = cfg.parallel, cfg.distill
     mp = p.tp * p.pp
     world = world or mp * max(1, 8 // mp)  # default: one node of 8 GPUs (at least one replica)
-    cfg.validate(world_size=world)
+    preflight.check(cfg, world)
     arch = cfg.model.teacher_arch()
     vae = cfg.roles.discriminator.vae
     # a real run decodes with its pipeline's VAE (8x for FLUX and SD3.x) even when the path is still missing
@@ -88,7 +89,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
         card["loss_weights"]["isg"] = d.isg_weight
     if method.use_ida:
         card["ida_lambda"] = d.ida_lambda
-    if cfg.wants_discriminator():
+    if preflight.wants_discriminator(cfg):
         card["gan_weight_at_anchors"] = [round(w, 4) for w in gan_weights(cfg, taus, positions)]
         card["loss_weights"]["gan"] = d.gan_weight
         dc = cfg.roles.discriminator
@@ -103,7 +104,7 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     if cfg.method == "sid":
         card["sid"] = {"alpha": d.sid_alpha, "weighting": d.sid_weighting, "loss_scale": d.sid_loss_scale}
     roles = {"generator": cfg.roles.generator.optimizer, "fake_score": cfg.roles.fake_score.optimizer}
-    if cfg.wants_discriminator():
+    if preflight.wants_discriminator(cfg):
         roles["discriminator"] = cfg.roles.discriminator.optimizer
     card["optimizers"] = {k: {"lr": o.lr, "betas": list(o.betas), "warmup_iterations": o.warmup_steps,
                               "clip_grad": o.clip_grad} for k, o in roles.items()}
@@ -112,8 +113,8 @@ def recipe_card(cfg, world: int | None = None) -> dict:
     pl = plan(cfg, 1, world, 80.0)  # one node of `world` GPUs, 80 GB each
     card["memory_plan_gb_per_gpu"] = round(pl.total / 1e9, 1)
     card["derived"] = list(cfg.derived)
-    card["missing"] = cfg.missing_assets()
-    card["notes"] = cfg.notes()
+    card["missing"] = preflight.missing_assets(cfg)
+    card["notes"] = preflight.notes(cfg)
     return card
 
 

@@ -41,6 +41,20 @@ _KNOWN_NOISE = (
 )
 
 
+def process_start() -> None:
+    """What every entry point (`senseflow VERB`, the rank entry below, torchrun's verify entry) does before it
+    imports megatron-core: the known warnings quieted, the processes it forks ended with it
+    (procs.children_die_with_me), and on a CPU-only machine megatron's fused kernels left uncompiled
+    (cpu_megatron.leave_fusions_uncompiled)."""
+    from .procs import children_die_with_me
+
+    quiet_known_warnings()
+    children_die_with_me()
+    from .cpu_megatron import leave_fusions_uncompiled
+
+    leave_fusions_uncompiled()
+
+
 def quiet_known_warnings() -> None:
     import re
     import warnings
@@ -58,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from . import signals
 
     signals.install()
-    from .config import load_config
+    from . import preflight
 
-    cfg = load_config(args.config, args.overrides)  # fail fast, before starting processes
+    cfg = preflight.load_run_config(args.config, args.overrides)  # fail fast, before starting processes
     if args.dry_run:
         from .recipe_card import print_card
 
         return print_card(cfg, args.nproc if args.nproc > 1 else None, args.json)
-    missing = cfg.missing_assets()
+    missing = preflight.missing_assets(cfg)
     if missing:
         from .config import ConfigError
 
@@ -136,7 +150,7 @@ def main() -> int:
     from . import signals
 
     signals.install()  # before torch is imported: a signal during start-up must not kill the rank
-    quiet_known_warnings()  # `senseflow train` does this in cli.main; this is the torchrun entry
+    process_start()  # `senseflow train` does this in cli.main; this is the torchrun entry
     p = argparse.ArgumentParser(prog="senseflow train", description=__doc__)
     add_arguments(p)
     from .errors import USER_ERROR, UserError

@@ -8,6 +8,7 @@ to repeat the uninterrupted one bit for bit on CPU is in the step checkpoint.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from megatron_senseflow.models import family_of, transformer_config
 from megatron_senseflow.models.checkpoint_io import load_model
 from megatron_senseflow.models.flops import forward_flops, image_tokens
 
-from . import flow, signals
+from . import flow, preflight, signals
 from .checkpoint import DONE_MARKER, FAILED_MARKER, STOP_MARKER, CheckpointManager
 from .codec import build_codec
 from .config import Config, ConfigError, dump_config
@@ -50,7 +51,8 @@ class Trainer:
                 f"the config asks for tp={cfg.parallel.tp} pp={cfg.parallel.pp} but the process groups were built "
                 f"with tp={env.tp} pp={env.pp}; initialise distributed from the same config."
             )
-        missing = cfg.missing_assets()
+        preflight.check(cfg, env.world_size)
+        missing = preflight.missing_assets(cfg)
         if missing:
             raise ConfigError(missing[0])
         uses_fp8 = "fp8" in (cfg.roles.teacher.precision, cfg.roles.fake_score.precision)
@@ -116,7 +118,7 @@ class Trainer:
 
         self.global_batch = self.local_batch * env.dp
         self.D = None
-        if c.wants_discriminator():
+        if preflight.wants_discriminator(c):
             with self._phase("building the discriminator (DINOv2, heads, VAE decoder)"):
                 self.D = self._build_discriminator()
         self.roles = Roles(self.G, self.F, self.T, self.D, ema)
@@ -271,9 +273,9 @@ class Trainer:
             print(f"[senseflow] {c.method} on {self.env.world_size} rank(s) tp={self.env.tp} pp={self.env.pp} "
                   f"dp={self.env.dp}; anchors {[round(t, 4) for t in self.taus]}; "
                   + (f"resumed at step {self.step}" if resumed else "fresh start"), flush=True)
-            for line in c.stand_ins():
+            for line in preflight.stand_ins(c):
                 print(f"[senseflow] stand-in: {line}", flush=True)
-            for line in c.notes():
+            for line in preflight.notes(c):
                 print(f"[senseflow] note: {line}", flush=True)
             if self.step >= c.train.max_steps:
                 print(f"[senseflow] nothing to do: {self.out} is at step {self.step} and train.max_steps is "
@@ -281,6 +283,10 @@ class Trainer:
         if c.checkpoint.save_on_signal:
             signals.install()  # idempotent; `senseflow train` already did it before importing torch
         data_iter = iter(self.data)
+        # megatron-core's distributed optimizer runs a full gc.collect() for every checkpoint it shards (0.5 s
+        # per role per save on a CPU process); what exists now (modules, models, optimizers) lives for the whole
+        # run, so move it out of the collector's sight: every later collection scans only newer objects
+        gc.freeze()
         t_last, last_step = time.time(), self.step
         try:
             while self.step < c.train.max_steps:
@@ -492,8 +498,8 @@ class Trainer:
 
 
 def run_training(cfg: Config, env: DistEnv) -> int:
-    """Build and run; a run that cannot go on raises errors.RunEnded (its exit code says why)."""
-    cfg.validate(world_size=env.world_size)
+    """Build and run (the Trainer checks the config first); a run that cannot go on raises errors.RunEnded (its
+    exit code says why)."""
     return Trainer(cfg, env).run()
 
 

@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_senseflow import preflight
 from megatron_senseflow.checkpoint import DONE_MARKER  # noqa: F401 (job.sh requeues only without it)
 from megatron_senseflow.config import RECIPE_DIR, Config, ConfigError, load_config, resolve_recipe
 
@@ -185,7 +186,7 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int, tp: int, pp: int) 
         raise ConfigError(f"--nodes {nodes} must be at least 1.")
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node {gpus_per_node} must be at least 1.")
-    from megatron_senseflow.models.configs import LayoutError, check_world
+    from megatron_senseflow.models.arch_base import LayoutError, check_world
 
     world = nodes * gpus_per_node
     cp = cfg.parallel.cp
@@ -199,7 +200,7 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int, tp: int, pp: int) 
             f"change --nodes/--gpus-per-node or --tp/--pp so that nodes x GPUs = tp x pp x data-parallel size."
         ) from None
     # the rest of the layout rule (TP divides the heads, PP at most the blocks, pp_split) is the model's
-    cfg.validate(world_size=world)
+    preflight.check(cfg, world)
     return world // mp
 
 
@@ -351,7 +352,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     # Validate exactly the config the job will run: recipe + overrides + layout.
     cfg = load_config(str(recipe), [*args.overrides, f"parallel.tp={tp}", f"parallel.pp={pp}"])
     check_layout(cfg, args.nodes, args.gpus_per_node, tp, pp)
-    missing = cfg.missing_assets()
+    # the paths are the job's (a container's mounts, say): the ranks read their config files, here only whether
+    # they are set is checked
+    missing = preflight.missing_assets(cfg, read_files=False)
     if missing:  # refuse before the job waits in the queue only to stop at its first line
         raise ConfigError(missing[0])
     # settings that would turn the job's requeues into restarts from step 0, or swallow the time-limit signal

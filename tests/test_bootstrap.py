@@ -1,6 +1,9 @@
 """Distributed bootstrap: launcher variables, groups and RNG streams."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +118,71 @@ def test_per_sample_streams_do_not_depend_on_layout():
     a = torch.cat([rnd.sub(slice(0, 2)).randn(3), rnd.sub(slice(2, 4)).randn(3)])
     assert torch.equal(a, whole)  # microbatch slices draw what the whole batch draws
     assert not torch.equal(whole, BatchRandom(5, 0, 10, sample_ids(10, 4, 0, 4)).randn(3))
+
+
+def test_a_cpu_process_leaves_megatrons_fused_kernels_uncompiled():
+    """cpu_megatron.leave_fusions_uncompiled, as every entry point calls it before megatron-core is imported: the
+    decorator returns the function itself (no TorchInductor import) and megatron-core imports; a process that
+    imported megatron-core first keeps megatron's own. (Every `senseflow train` of the suite trains this way.)"""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from megatron_senseflow.train_cli import process_start
+process_start()
+import megatron.core.jit as jit
+f = lambda x: x
+assert jit.jit_fuser(f) is f, jit.jit_fuser
+from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl  # decorated at import: a plain function now
+assert "torch._inductor.compile_fx" not in sys.modules
+import torch
+from megatron_senseflow import cpu_megatron
+before = sys.modules["megatron.core.jit"]
+cpu_megatron.leave_fusions_uncompiled()  # megatron-core is imported now: nothing changes
+assert sys.modules["megatron.core.jit"] is before
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+    plain = subprocess.run([sys.executable, "-c", "import megatron.core.jit as j, torch; "
+                            "print(j.jit_fuser is torch.compile)"], capture_output=True, text=True, timeout=300)
+    assert plain.stdout.strip() == "True", plain.stderr[-2000:]  # without the entry point: megatron's own
+
+
+def test_the_processes_a_rank_forks_die_with_it():
+    """procs.children_die_with_me, as every entry point installs it: a rank killed with SIGKILL (its launcher was)
+    takes the processes it forked along (megatron-core's checkpoint writer workers), and theirs in turn."""
+    import subprocess
+    import sys
+
+    code = """
+import multiprocessing as mp, os, sys, time
+from megatron_senseflow.procs import children_die_with_me
+children_die_with_me()
+def grandchild():
+    time.sleep(60)
+def child(q):
+    p = mp.get_context("fork").Process(target=grandchild); p.start()
+    q.put((os.getpid(), p.pid)); time.sleep(60)
+q = mp.get_context("fork").Queue()
+mp.get_context("fork").Process(target=child, args=(q,)).start()
+print(*q.get(), flush=True)
+time.sleep(60)
+"""
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in rank.stdout.readline().split()]
+    assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), "a forked process outlived its killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

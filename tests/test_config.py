@@ -14,6 +14,7 @@ from megatron_senseflow.config import (
     dump_config,
     load_config,
 )
+from megatron_senseflow.preflight import check, missing_assets, notes
 
 
 def test_every_config_field_has_a_docstring():
@@ -120,7 +121,7 @@ def test_big_recipes_carry_the_authors_hyper_parameters(name, ttur, ida, isg, ga
     lr = 1e-5 if name == "flux_dev" else 1e-6
     assert cfg.roles.generator.optimizer.lr == lr and cfg.roles.fake_score.optimizer.lr == lr
     # real runs need local paths; the trainer and the launcher refuse without them
-    assert any(m.startswith("roles.teacher.checkpoint is not set") for m in cfg.missing_assets())
+    assert any(m.startswith("roles.teacher.checkpoint is not set") for m in missing_assets(cfg))
 
 
 def test_flux_recipe_anchors_are_the_papers_at_1024px():
@@ -161,38 +162,38 @@ def test_fp8_roles_reach_megatron_transformer_config():
 
 
 def test_discriminator_paths_are_checked_from_their_config_files_before_anything_is_built(tmp_path):
-    """Issue 30's refusals: one true sentence each, from config files alone (Config.missing_assets, which the trainer
+    """Issue 30's refusals: one true sentence each, from config files alone (preflight.missing_assets, which the trainer
     and --dry-run check first), whatever the recipe's purpose; and a path the run will not read is reported."""
     from transformers import Dinov2Config
 
     shallow = tmp_path / "dinov2-small"
     Dinov2Config(hidden_size=32, num_hidden_layers=6, num_attention_heads=2).save_pretrained(shallow)
     cfg = load_config("tiny", [f"roles.discriminator.dinov2={shallow}", "roles.discriminator.feature_layers=[2,5,8]"])
-    assert cfg.missing_assets() == [
+    assert missing_assets(cfg) == [
         f"roles.discriminator.dinov2={shallow} has 6 blocks, but roles.discriminator.feature_layers=[2, 5, 8] taps "
         "block 8 (0-based); use DINOv2 ViT-L/14 (24 blocks, the authors' taps) or list only blocks below 6."]
     cfg = load_config("tiny", [f"roles.discriminator.dinov2={tmp_path / 'nowhere'}"])
-    assert cfg.missing_assets()[0].startswith(f"roles.discriminator.dinov2={tmp_path / 'nowhere'} is not a transformers "
+    assert missing_assets(cfg)[0].startswith(f"roles.discriminator.dinov2={tmp_path / 'nowhere'} is not a transformers "
                                               "DINOv2 directory")
     # FLUX.1 reads the CLIP folder (its text projection): a path that is not there is refused ...
     cfg = load_config("tiny", ["roles.discriminator.text_condition=clip_l", "model.arch.pooled_projection_dim=768",
                                f"roles.discriminator.clip={tmp_path / 'nowhere'}"])
-    assert any("roles.discriminator.clip=" in m and "is not a directory" in m for m in cfg.missing_assets())
+    assert any("roles.discriminator.clip=" in m and "is not a directory" in m for m in missing_assets(cfg))
     # ... a run that does not read it says so in its banner and card, instead of passing silently
     cfg = load_config("tiny", ["model.preset=tiny-sd3", "distill.guidance_mode=cfg",
                                f"roles.discriminator.clip={tmp_path / 'nowhere'}"])
-    assert cfg.notes() == [f"roles.discriminator.clip={tmp_path / 'nowhere'} is not read: the heads are conditioned on "
+    assert notes(cfg) == [f"roles.discriminator.clip={tmp_path / 'nowhere'} is not read: the heads are conditioned on "
                            "the pooled vector (text_condition=pooled)."]
-    assert not cfg.missing_assets()
+    assert not missing_assets(cfg)
 
 
 def test_a_pooled_vector_that_is_not_clip_l_names_a_fix_that_exists():
     """The pooled width refusal no longer sends a training run to a stand-in that it then refuses."""
     with pytest.raises(ConfigError) as test_recipe:
-        load_config("tiny", ["roles.discriminator.text_condition=clip_l"])
+        check(load_config("tiny", ["roles.discriminator.text_condition=clip_l"]))
     assert "its text encoder is not CLIP ViT-L/14" in str(test_recipe.value)
     assert "roles.discriminator.text_condition=pooled" in str(test_recipe.value)
     with pytest.raises(ConfigError) as training:
-        load_config("flux_dev", ["model.preset=tiny-flux"])
+        check(load_config("flux_dev", ["model.preset=tiny-flux"]))
     msg = str(training.value)
     assert "roles.discriminator.enabled=false" in msg and "text_condition=pooled" not in msg, msg

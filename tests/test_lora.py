@@ -184,9 +184,9 @@ def _lora_trainer_body(env, teacher, out, lam):
     # run one iteration, capturing the adapters just before IDA and the fake score's right after
     names = adapted_linears(F)
     captured = {}
-    from megatron_senseflow import roles as roles_mod
+    from megatron_senseflow import weights
 
-    blend = roles_mod.ida_blend
+    blend = weights.ida_blend
 
     def spy(fake, gen, lam_):
         captured["before"] = {n: (F.get_submodule(n).lora.A.clone(), F.get_submodule(n).lora.B.clone(),

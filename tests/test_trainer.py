@@ -99,7 +99,8 @@ def _ida_bf16_body(env, lam):
     weights must be the blend. If IDA blended only the bf16 weights, the step would write F's old
     fp32 master back."""
     from megatron_senseflow.config import OptimizerConfig, ParallelConfig
-    from megatron_senseflow.roles import build_role, ida_blend
+    from megatron_senseflow.roles import build_role
+    from megatron_senseflow.weights import ida_blend
     from megatron_senseflow.models import transformer_config
     from megatron_senseflow.models.configs import make_arch
 
@@ -128,7 +129,7 @@ def _ida_bf16_body(env, lam):
     got = [p.detach().float() for p in F.module.parameters()]
     before = max((g - w).abs().max().item() for g, w in zip(got, want))
     stale = max((g - f).abs().max().item() for g, f in zip(got, phi))
-    return {"ok": ok, "err": before, "moved": stale, "n_main": len(__import__("megatron_senseflow.roles", fromlist=["x"]).main_param_shards(F.optimizer))}
+    return {"ok": ok, "err": before, "moved": stale, "n_main": len(__import__("megatron_senseflow.weights", fromlist=["x"]).main_param_shards(F.optimizer))}
 
 
 def test_ida_blends_fp32_main_weights_of_the_distributed_optimizer():
@@ -141,7 +142,8 @@ def test_ida_blends_fp32_main_weights_of_the_distributed_optimizer():
 def _ida_gathered_body(env, directory, phase):
     """phase 'split': blend at this layout and save; phase 'whole': blend at TP1/PP1 and compare."""
     from megatron_senseflow.config import OptimizerConfig, ParallelConfig
-    from megatron_senseflow.roles import build_role, ida_blend
+    from megatron_senseflow.roles import build_role
+    from megatron_senseflow.weights import ida_blend
     from megatron_senseflow.models import transformer_config
     from megatron_senseflow.models.checkpoint_io import load_model, save_model
     from megatron_senseflow.models.configs import make_arch
