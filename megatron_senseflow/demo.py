@@ -212,8 +212,8 @@ def ensure_teacher(cache: Path, log, steps: int | None = None) -> tuple[Path, Di
 
     shutil.rmtree(tmp, ignore_errors=True)
     # a separate process: the teacher's process group must not outlive it
-    code = ("import sys; from pathlib import Path; from megatron_senseflow import demo, train_cli; "
-            "train_cli.quiet_known_warnings(); "
+    code = ("import sys; from pathlib import Path; from megatron_senseflow import train_cli; "
+            "train_cli.process_start(); from megatron_senseflow import demo; "
             "demo.train_teacher(Path(sys.argv[1]), demo.digits_text(), print, int(sys.argv[2]))")
     rc = subprocess.call([sys.executable, "-c", code, str(tmp), str(train["steps"])])
     if rc != 0:
@@ -495,7 +495,7 @@ def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) ->
         run_dir = out / "ablation" / name
         recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg, ttur=2, ema_decay=0.0),
                         ABLATIONS[name])
-        recipe["eval"] = {"every": every, "num_samples": 128, "features": str(feats)}
+        recipe["eval"] = {"every": every, "num_samples": args.eval_samples, "features": str(feats)}
         recipe["logging"]["image_every"] = 0
         path = out / "ablation" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -523,7 +523,7 @@ def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) ->
                       "accuracy_stochastic": res["student_4_stochastic"]["accuracy"],
                       "fd_euler_after": res["student_4_euler"]["fd"], "seconds": round(seconds, 1)}
     plot_curves(curves, out / "ablation.png",
-                f"in-loop FD (Euler, 128 samples) against iteration, {args.steps} iterations, batch 64")
+                f"in-loop FD (Euler, {args.eval_samples} samples) against iteration, {args.steps} iterations, batch 64")
     lines = ["| variant | final FD | best FD | FD spread, last third | prompt accuracy (Euler / stochastic) | "
              f"FD, {10 * args.per_digit} samples (Euler) | wall time |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -550,6 +550,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TTUR 5/10, without ISG, without the GAN term, SiD) with the in-loop evaluation on; writes "
                         "ablation.png (FD against iteration) and ablation.md / .json")
     p.add_argument("--variants", default=None, help="comma list of ablation variants (default: all)")
+    p.add_argument("--eval-samples", type=int, default=128,
+                   help="fixed samples of the in-loop evaluation of each ablation variant (default 128)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="distil LoRA students: adapters of this rank over the shared teacher (0: full fine-tuning)")
     p.add_argument("--teacher-steps", type=int, default=TEACHER_TRAIN["steps"],

@@ -13,6 +13,9 @@ faults, each followed by the same command again, as a requeued job would:
   then frees the space.
 It passes when the faulted run's losses at every step equal the reference's,
 and prints one summary line. Exit code 0 when it passes, 1 when it does not.
+With `--alternate-saves` the faulted starts alternate between synchronous and
+asynchronous saves (`checkpoint.async_save`), so that one drill kills and resumes
+both kinds of checkpoint.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     p.add_argument("--no-corrupt", action="store_true", help="skip the corrupted-file fault")
     p.add_argument("--no-fill-disk", action="store_true", help="skip the full-disk fault")
+    p.add_argument("--alternate-saves", action="store_true",
+                   help="faulted starts alternate between synchronous and asynchronous saves (the reference saves "
+                        "synchronously)")
     p.parse_args = p.parse_intermixed_args  # type: ignore[method-assign]
 
 
@@ -55,6 +61,27 @@ def _losses(out: Path) -> dict[int, dict]:
     path = out / "metrics.jsonl"
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows}
+
+
+def _logged_rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for ln in path.read_text().splitlines() if ln.strip()) if path.exists() else 0
+
+
+def _keep_rows_up_to(out: Path, step: int) -> int:
+    """Drop the metrics rows a killed start logged after its last checkpoint; the number of rows kept."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                kept.append(ln)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            pass
+    path.write_text("".join(ln + "\n" for ln in kept))
+    return len(kept)
 
 
 def _saving(out: Path) -> bool:
@@ -90,21 +117,39 @@ def run(args: argparse.Namespace) -> int:
     per_step = max(total - startup, 0.1) / cfg.train.max_steps
     reference = _losses(ref_dir)
 
-    events = {"kills": 0, "kills_during_save": 0, "corrupt_found": 0, "full_disk_refused": 0, "restarts": 0}
+    events = {"kills": 0, "kills_during_save": 0, "corrupt_found": 0, "full_disk_refused": 0, "restarts": 0,
+              "async_starts": 0}
     corrupt_at = None if args.no_corrupt else rng.randint(0, max(args.kills - 1, 0))
     fill_at = None if args.no_fill_disk else rng.randint(0, max(args.kills - 1, 0))
     fill_file = run_dir / "drill_filler.bin"
     pending_fill_check = False
     while True:
-        proc = _train(args.config, args.overrides, run_dir, args.nproc)
+        use_async = args.alternate_saves and events["restarts"] % 2 == 1
+        saves = ["checkpoint.async_save=true"] if use_async else []
+        resume = _resume_step(run_dir)
+        rows_at_start = _keep_rows_up_to(run_dir, resume)  # as the run does on resume: rows now count this start's steps
+        proc = _train(args.config, [*args.overrides, *saves], run_dir, args.nproc)
+        started = time.monotonic()
         events["restarts"] += 1
+        events["async_starts"] += int(use_async)
         if events["kills"] < args.kills and not pending_fill_check:
-            # a random moment of what this run has left to do: late in start-up, in a step, or in a save
-            left = cfg.train.max_steps - _resume_step(run_dir)
-            deadline = time.monotonic() + startup * rng.uniform(0.8, 1.0) + rng.uniform(0, 0.9) * left * per_step
+            # A random moment of what this start has left to do: late in start-up, in a step, or in a save. It is
+            # counted in the steps this start has logged (then a part of a step), not in seconds, so that a machine
+            # busier or idler than during the reference moves it but cannot push it past the run's end: the last
+            # step is never the one killed.
+            steps_first = rng.randint(0, max(cfg.train.max_steps - resume - 2, 0))
+            startup_part, step_part = rng.uniform(0.8, 1.0), rng.uniform(0, 0.9)
             # the kill after which a checkpoint is corrupted waits for an older one to fall back to
             corrupting = corrupt_at == events["kills"]
-            while proc.poll() is None and (time.monotonic() < deadline or (corrupting and _complete(run_dir) < 2)):
+            reached = None  # when this start logged its `steps_first`-th step
+            while proc.poll() is None:
+                done = _logged_rows(run_dir) - rows_at_start
+                if reached is None and steps_first > 0 and done >= steps_first:
+                    reached = time.monotonic()
+                due = (time.monotonic() - started >= startup * startup_part or done > 0) if steps_first == 0 else \
+                    reached is not None and time.monotonic() - reached >= step_part * per_step
+                if due and not (corrupting and _complete(run_dir) < 2):
+                    break
                 time.sleep(0.02)
             if proc.poll() is None:
                 during_save = _saving(run_dir)
@@ -143,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     equal = got == reference
     print(f"senseflow drill: {events['kills']} kill -9 ({events['kills_during_save']} during a save), "
           f"{events['corrupt_found']} corrupt checkpoint found and skipped, {events['full_disk_refused']} full disk "
-          f"refused, {events['restarts']} starts; final losses "
+          f"refused, {events['restarts']} starts"
+          + (f" ({events['async_starts']} with asynchronous saves)" if args.alternate_saves else "") + "; final losses "
           + (f"equal the uninterrupted run's at all {len(reference)} steps." if equal
              else f"DIFFER from the uninterrupted run's at steps {sorted(s for s in reference if got.get(s) != reference[s])}."))
     return 0 if equal else 1

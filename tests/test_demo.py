@@ -108,7 +108,7 @@ def test_demo_ablate_trains_each_variant_with_in_loop_evaluation(demo, tmp_path)
     root, _ = demo
     out = tmp_path / "out"
     r = _run("demo", "--ablate", "--variants", "dmd2_ttur5,senseflow_no_gan", "--out", out, "--cache", root / "cache",
-             "--teacher-steps", 30, "--steps", 4, "--per-digit", 2)
+             "--teacher-steps", 30, "--steps", 4, "--per-digit", 2, "--eval-samples", 16)
     assert "teacher: cached" in r.stdout
     res = json.loads((out / "ablation.json").read_text())
     assert list(res["rows"]) == ["dmd2_ttur5", "senseflow_no_gan"]
