@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# the suite in two pytest-xdist workers, one module per worker at a time, in the order tests/conftest.py gives
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast test-slow clean
 
@@ -28,13 +31,13 @@ demo: setup
 	$(VENV)/bin/senseflow demo --out demo_out
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: setup
-	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m slow $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

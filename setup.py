@@ -39,7 +39,7 @@ setup(
     extras_require={
         # TransformerEngine only builds against CUDA; never required on CPU.
         "gpu": ["transformer-engine[pytorch]>=2.4"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "scikit-image>=0.22", "peft>=0.13"],
         # optimizer.cpu_offload=deepspeed. A source distribution: install it after torch with
         # `pip install --no-build-isolation deepspeed`, or its isolated build pulls a CUDA torch.
         "offload": ["deepspeed>=0.16"],

@@ -1,12 +1,103 @@
-"""Shared fixtures. `slurm_cluster`: one real single-node Slurm for the whole session."""
+"""Shared fixtures (`slurm_cluster`: one real single-node Slurm for the whole session) and how `make test` shares
+the tests out over its two processes (pytest-xdist, `--dist loadgroup`).
+"""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 _SLURM_TIMINGS: dict[str, float] = {}
+
+# As many xdist workers as cores: one thread per process (each worker and every process a test starts inherit
+# it). Two workers each running torch with a thread per core, beside the 2-rank runs of the other worker, keep
+# every core switching between more threads than it has.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# `make test` runs the suite in two pytest-xdist workers, one module per worker at a time (`--dist loadscope`), so
+# that a module's fixtures (a trained demo teacher, a converted checkpoint, a reference run) are built once. Modules
+# are handed out in the order below (`--no-loadscope-reorder`): the ALONE ones first, then the longest, so that both
+# workers end at about the same time (the rest take about 1 s per test).
+# ALONE: modules that run with the other worker held back. The two-node Slurm jobs hung (both slurmd stopped
+# answering, the job never finished) in 2 of 5 full runs while other multi-rank tests ran beside them, and never
+# when run alone.
+ALONE = ("test_slurm_two_nodes",)
+LONGEST_FIRST = (*ALONE, "test_checkpoint_faults", "test_demo", "test_walkthrough", "test_resume", "test_slurm_cluster",
+                 "test_recipes_run", "test_run_endings", "test_convert_verify", "test_cli_errors", "test_trainer",
+                 "test_lora")
+
+
+def pytest_configure(config):
+    if os.environ.get("OMP_NUM_THREADS") == "1":
+        import torch
+
+        torch.set_num_threads(1)  # torch may have been imported (and sized its pool) before this conftest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first (see LONGEST_FIRST); every test runs either way, in file order inside a module."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_module_name(item), len(rank)))
+
+
+class _Room:
+    """One machine, two workers: a test of an ALONE module holds the room alone, every other test shares it. A
+    readers-writer lock on two flock files; the gate makes a waiting ALONE module go before tests that come later."""
+
+    def __init__(self, uid: str):
+        base = Path(tempfile.gettempdir()) / f"senseflow-tests-{uid}"
+        self.gate, self.room = open(f"{base}.gate", "a+"), open(f"{base}.room", "a+")
+        self.alone = False
+
+    def enter(self, alone: bool) -> None:
+        if alone:
+            if not self.alone:
+                fcntl.flock(self.gate, fcntl.LOCK_EX)
+                fcntl.flock(self.room, fcntl.LOCK_EX)
+                self.alone = True
+            return
+        fcntl.flock(self.gate, fcntl.LOCK_SH)
+        fcntl.flock(self.room, fcntl.LOCK_SH)
+        fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+    def leave(self, keep_alone: bool) -> None:
+        if self.alone and keep_alone:
+            return
+        fcntl.flock(self.room, fcntl.LOCK_UN)
+        if self.alone:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+            self.alone = False
+
+
+_ROOM: _Room | None = None
+
+
+def _module_name(item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist (`make test`), each test's setup, call and teardown run inside the room (see _Room)."""
+    global _ROOM
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid is None:  # one process: nothing runs beside anything
+        yield
+        return
+    if _ROOM is None:
+        _ROOM = _Room(uid)
+    alone = _module_name(item) in ALONE
+    _ROOM.enter(alone)
+    try:
+        yield
+    finally:  # an ALONE module keeps the room until its last test (its cluster fixture) has ended
+        _ROOM.leave(keep_alone=alone and nextitem is not None and _module_name(nextitem) == _module_name(item))
 
 
 def running_cluster(cluster, what: str):
