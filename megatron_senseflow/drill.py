@@ -68,28 +68,13 @@ def _logged_rows(out: Path) -> int:
     return sum(1 for ln in path.read_text().splitlines() if ln.strip()) if path.exists() else 0
 
 
-def _keep_rows_up_to(out: Path, step: int) -> int:
-    """Drop the metrics rows a killed start logged after its last checkpoint; the number of rows kept."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    kept = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln)["step"] <= step:
-                kept.append(ln)
-        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-            pass
-    path.write_text("".join(ln + "\n" for ln in kept))
-    return len(kept)
-
-
 def _saving(out: Path) -> bool:
     return any((out / "checkpoints").glob("step_*.tmp")) if (out / "checkpoints").is_dir() else False
 
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .monitor import keep_rows_up_to
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out).resolve()
@@ -127,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         use_async = args.alternate_saves and events["restarts"] % 2 == 1
         saves = ["checkpoint.async_save=true"] if use_async else []
         resume = _resume_step(run_dir)
-        rows_at_start = _keep_rows_up_to(run_dir, resume)  # as the run does on resume: rows now count this start's steps
+        rows_at_start = keep_rows_up_to(run_dir / "metrics.jsonl", resume)  # as the run will: rows count this start's steps
         proc = _train(args.config, [*args.overrides, *saves], run_dir, args.nproc)
         started = time.monotonic()
         events["restarts"] += 1

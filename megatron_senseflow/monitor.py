@@ -27,6 +27,22 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def keep_rows_up_to(path: Path, step: int) -> int:
+    """Drop the rows of a metrics file past `step` (what a killed run logged after its last checkpoint, and a
+    line the kill cut short); the number of rows kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                kept.append(ln)
+        except (ValueError, KeyError, TypeError):
+            pass
+    path.write_text("".join(ln + "\n" for ln in kept))
+    return len(kept)
+
+
 class Monitor:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -42,9 +58,8 @@ class Monitor:
             # purge_step drops events a killed run wrote after its last checkpoint
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         path = out_dir / "metrics.jsonl"
-        if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        if resume_step:
+            keep_rows_up_to(path, resume_step)
         self.jsonl = path.open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

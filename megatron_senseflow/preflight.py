@@ -106,7 +106,7 @@ def missing_assets(cfg: Config, read_files: bool = True) -> list[str]:
         if not dc.vae or dc.vae == "pixel":
             missing.append(f"roles.discriminator.vae is {dc.vae!r}: a {label} run decodes latents with the "
                            f"pipeline's VAE; pass roles.discriminator.vae=DIR/vae.")
-        if dc.text_condition == "clip_l" and _clip_from_pooled(cfg) == "project" and not dc.clip:
+        if reads_clip(cfg) and not dc.clip:
             missing.append("roles.discriminator.clip is not set: the heads' CLIP ViT-L/14 condition projects "
                            "FLUX's pooled CLIP-L embedding with CLIP's text projection; pass "
                            "roles.discriminator.clip=DIR (a transformers clip-vit-large-patch14).")

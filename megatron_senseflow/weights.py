@@ -2,7 +2,7 @@
 trains, reach the optimizer's fp32 main copies, and IDA's blend of the fake score toward the generator.
 
 Plain torch (no megatron-core import), so that methods.py can be read where no model is ever built (preflight.py
-asks its objectives what a run trains; roles.py re-exports these names).
+asks its objectives what a run trains).
 """
 from __future__ import annotations
 
