@@ -230,6 +230,17 @@ class DiscriminatorConfig:
     """DiffAugment policies applied to real and fake images."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """Compute precision: 'bf16' or 'fp32'."""
+    generator_grad: Literal["dropped", "carried", "carried_grad_scalers"] = "dropped"
+    """What the generator's GAN term leaves on the heads. 'dropped': the heads are frozen for that term, and
+    their update is the hinge's alone. 'carried' (the authors' FLUX trainer, F train()): the term runs the
+    heads with gradients and nothing clears them before the discriminator's own backward, so on generator
+    iterations the heads' update is the generator's GAN gradient plus the hinge's, clipped together.
+    'carried_grad_scalers' (their SD3.5 trainers): the same, with the carried part weighted by
+    scale_G / scale_D of their two default GradScalers (`authors_grad_scaler_ratio`)."""
+    spectral_norm: Literal["torch", "authors"] = "torch"
+    """The heads' spectral norm: 'torch' = torch.nn.utils.parametrizations.spectral_norm (15 power iterations at
+    construction, then u before v); 'authors' = their SpectralConv2d, torch's legacy hook (random u and v with no
+    warm-up, v before u), `discriminator.AuthorsSpectralNorm`."""
 
 
 @dataclass(kw_only=True)

@@ -416,6 +416,9 @@ ABLATIONS = {
     "senseflow_ttur10": {"distill": {"ttur": 10}},
     "senseflow_no_isg": {"distill": {"isg_weight": 0.0}},
     "senseflow_no_gan": {"distill": {"gan_weight": 0.0}},
+    # the authors' discriminator update (docs/recipes.md, difference 11), one switch at a time, at TTUR 5
+    "senseflow_ttur5_carried_grad": {"distill": {"ttur": 5}, "roles": {"discriminator": {"generator_grad": "carried"}}},
+    "senseflow_ttur5_authors_sn": {"distill": {"ttur": 5}, "roles": {"discriminator": {"spectral_norm": "authors"}}},
     "sid": {"method": "sid"},
 }
 

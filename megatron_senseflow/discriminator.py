@@ -162,8 +162,44 @@ class DiffAugment:
 # --------------------------------------------------------------------------- heads
 
 
-def _sn_conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Module:
-    return spectral_norm(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="circular"), eps=1e-12)
+class AuthorsSpectralNorm(nn.Module):
+    """The authors' SpectralConv2d (V): torch's legacy `torch.nn.utils.spectral_norm` hook (SpectralNorm.apply
+    with one power iteration, dim 0, eps 1e-12), as a parametrization. Against torch's
+    `parametrizations.spectral_norm` it differs in two ways that change the heads' scale early in a run:
+    u and v start as normalised N(0, 1) draws with no warm-up (torch runs 15 power iterations at
+    construction), and each training-mode forward updates v, then u (torch: u, then v). sigma = u^T W v with
+    u and v held constant for the gradient, as both do. The buffers carry torch's names (`_u`, `_v`), so
+    `VFMDiscriminator.advance_spectral_norm` drives both kinds alike."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+        mat = weight.detach().flatten(1)
+        u = mat.new_empty(mat.shape[0]).normal_(0, 1)  # u, then v, from the global stream (their apply())
+        v = mat.new_empty(mat.shape[1]).normal_(0, 1)
+        self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = weight.flatten(1)
+        if self.training:
+            with torch.no_grad():
+                self._v.copy_(F.normalize(torch.mv(mat.t(), self._u), dim=0, eps=self.eps))
+                self._u.copy_(F.normalize(torch.mv(mat, self._v), dim=0, eps=self.eps))
+        u, v = self._u.clone(), self._v.clone()
+        return weight / torch.dot(u, torch.mv(mat, v))
+
+
+def _sn_conv(cin: int, cout: int, k: int, stride: int = 1, sn: str = "torch") -> nn.Module:
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode="circular")
+    if sn == "authors":
+        from torch.nn.utils import parametrize
+
+        # unsafe: skip the registration's trial evaluation, which would run a power iteration (shape and dtype
+        # are the weight's by construction)
+        parametrize.register_parametrization(conv, "weight", AuthorsSpectralNorm(conv.weight), unsafe=True)
+        return conv
+    return spectral_norm(conv, eps=1e-12)
 
 
 class LocalNorm(nn.Module):
@@ -191,16 +227,16 @@ class _Residual(nn.Module):
         return (self.fn(x) + x) / math.sqrt(2)
 
 
-def _block(channels: int, k: int) -> nn.Sequential:
-    return nn.Sequential(_sn_conv(channels, channels, k), LocalNorm(channels), nn.LeakyReLU(0.2))
+def _block(channels: int, k: int, sn: str) -> nn.Sequential:
+    return nn.Sequential(_sn_conv(channels, channels, k, sn=sn), LocalNorm(channels), nn.LeakyReLU(0.2))
 
 
-def _trunk(channels: int, downsample: int) -> nn.Sequential:
+def _trunk(channels: int, downsample: int, sn: str) -> nn.Sequential:
     """make_block_2d(k=1), then two residual k=3 blocks, with a stride-2 convolution after each of the first
     `downsample` stages (V305-320)."""
-    down = [_sn_conv(channels, channels, 3, stride=2) if downsample > i else nn.Identity() for i in range(3)]
-    return nn.Sequential(_block(channels, 1), down[0], _Residual(_block(channels, 3)), down[1],
-                         _Residual(_block(channels, 3)), down[2])
+    down = [_sn_conv(channels, channels, 3, stride=2, sn=sn) if downsample > i else nn.Identity() for i in range(3)]
+    return nn.Sequential(_block(channels, 1, sn), down[0], _Residual(_block(channels, 3, sn)), down[1],
+                         _Residual(_block(channels, 3, sn)), down[2])
 
 
 class FullyConnected(nn.Module):
@@ -219,13 +255,13 @@ class FullyConnected(nn.Module):
 class DiscriminatorHead(nn.Module):
     """DiscHeadPlus_2d: projection-conditioned per-location logits from one feature map."""
 
-    def __init__(self, channels: int, text_dim: int, downsample: int = 3, cmap_dim: int = 64):
+    def __init__(self, channels: int, text_dim: int, downsample: int = 3, cmap_dim: int = 64, sn: str = "torch"):
         super().__init__()
         self.cmap_dim = cmap_dim
-        self.main = _trunk(channels, downsample)
-        self.cls = _sn_conv(channels, cmap_dim, 1)
+        self.main = _trunk(channels, downsample, sn)
+        self.cls = _sn_conv(channels, cmap_dim, 1, sn=sn)
         self.cmapper = FullyConnected(text_dim, cmap_dim)
-        self.refmapper = nn.Sequential(*_trunk(channels, downsample), _sn_conv(channels, cmap_dim, 1))
+        self.refmapper = nn.Sequential(*_trunk(channels, downsample, sn), _sn_conv(channels, cmap_dim, 1, sn=sn))
 
     def forward(self, feat_BCHW, text_BP, ref_BCHW):
         out = self.cls(self.main(feat_BCHW))
@@ -243,7 +279,8 @@ def head_param_count(channels: int, text_dim: int, downsample: int = 3, cmap_dim
 
 class VFMDiscriminator(nn.Module):
     def __init__(self, dinov2: nn.Module, feature_layers: list[int], text_dim: int, image_size: int | None = None,
-                 patch_features: bool = True, downsample: int = 3, compute_dtype: torch.dtype = torch.float32):
+                 patch_features: bool = True, downsample: int = 3, compute_dtype: torch.dtype = torch.float32,
+                 spectral_norm: str = "torch"):
         super().__init__()
         # bf16 runs DINOv2 and the heads under autocast (weights and AdamW states stay fp32)
         self.compute_dtype = compute_dtype
@@ -259,7 +296,7 @@ class VFMDiscriminator(nn.Module):
         c = dinov2.config.hidden_size
         # the authors' ModuleDict order: one head per hooked block, then the patch embedding's
         num_maps = len(self.feature_layers) + int(patch_features)
-        self.heads = nn.ModuleList(DiscriminatorHead(c, text_dim, downsample) for _ in range(num_maps))
+        self.heads = nn.ModuleList(DiscriminatorHead(c, text_dim, downsample, sn=spectral_norm) for _ in range(num_maps))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

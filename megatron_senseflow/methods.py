@@ -170,6 +170,7 @@ class Objective:
         self.gen_aug_rnd: BatchRandom | None = None
         self.disc_aug_rnd: BatchRandom | None = None
         self.use_gan = self.D is not None
+        self.carry_grad = cfg.roles.discriminator.generator_grad if self.use_gan else "dropped"
         self.two_pass = force_two_pass or self.G.pp > 1
 
     # ------------------------------------------------------------------ one iteration
@@ -184,12 +185,16 @@ class Objective:
         logs: dict[str, float] = {}
         if self.use_gan:
             self.D.net.advance_spectral_norm()  # the authors' heads run the generator's GAN pass every iteration
+            self.D.zero_grad()  # theirs after its step, so before this iteration's generator term (carry_grad)
         # the fake score and discriminator update every iteration, the generator every ttur-th, after
         # the fake score had ttur - 1 updates of its own (the authors: current_iter % GD == 0, 1-based)
         if (step + 1) % self.d.ttur == 0:
             v0 = self.generator_update(st)
-            if self.guard(self.G, st.logs, "gen/", logs):
+            updated = self.guard(self.G, st.logs, "gen/", logs)
+            if updated:
                 self.after_generator_update(logs)
+            if self.carry_grad != "dropped":
+                self.carry_generator_grad(updated, step, st.logs)
         else:
             v0 = self.g_velocity(st, st.x_tau, st.tau)
         st.x0_hat = flow.x0_from_v(st.x_tau, st.tau, v0).detach()
@@ -215,6 +220,35 @@ class Objective:
                 logs["ida/lora_relative_error"] = err / move if move > 0 else 0.0
         if self.roles.ema is not None:
             self.roles.ema.update()
+
+    def carry_generator_grad(self, updated: bool, step: int, logs: dict) -> None:
+        """The generator's GAN gradient on the heads, kept for this iteration's discriminator update
+        (roles.discriminator.generator_grad). Only the last pipeline stage evaluated the term: the PP group
+        sums (other stages hold zeros), so every rank steps the same heads. A skipped generator update
+        (a non-finite term) drops what its backward left on the heads too."""
+        params = list(self.D.net.trainable_parameters())
+        if not updated:
+            self.D.zero_grad()
+            return
+        if self.G.pp > 1:
+            import torch.distributed as dist
+            from megatron.core import parallel_state as ps
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+                p.grad = g.clone()
+        scale = 1.0
+        if self.carry_grad == "carried_grad_scalers":
+            scale = authors_grad_scaler_ratio(step, self.d.ttur)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        sq = sum(float(p.grad.float().square().sum()) for p in params if p.grad is not None)
+        logs["disc/carried_grad_norm"] = math.sqrt(sq)  # before DP averaging and the hinge's own gradient
+        logs["disc/carried_grad_scale"] = scale
 
     # ------------------------------------------------------------------ randomness
     def begin(self, step: int) -> None:
@@ -368,7 +402,10 @@ class Objective:
         if self.use_gan:
             fake = self.D.augment(self.D.codec.decode(x0), self.gen_aug_rnd.sub(sl))
             refs = [r[sl] for r in st.ref_maps]
-            with frozen(self.D.net.heads):  # differentiate through D without writing its grads
+            if self.carry_grad == "dropped":
+                with frozen(self.D.net.heads):  # differentiate through D without writing its grads
+                    logits = self.D.net(fake, st.text_cond[sl], refs)
+            else:  # the authors' trainers: the heads collect this term's gradient (carry_generator_grad)
                 logits = self.D.net(fake, st.text_cond[sl], refs)
             gan = losses.gan_generator_loss(logits, self._gan_weight(st)[sl])
             total = total + self.d.gan_weight * gan
@@ -433,8 +470,9 @@ class Objective:
 
     def discriminator_update(self, st: IterState, logs: dict) -> None:
         """Per-location hinge on real and on sg(decode(x0_hat)), each weighted by the anchor's GAN weight
-        (F976-985 with V124: relu(1 -/+ logit) averaged over every head's locations, times timew)."""
-        self.D.zero_grad()
+        (F976-985 with V124: relu(1 -/+ logit) averaged over every head's locations, times timew). The heads'
+        grads were zeroed at the start of the iteration; on generator iterations they may hold the carried
+        generator term (roles.discriminator.generator_grad)."""
         w = self._gan_weight(st)
         with torch.no_grad():
             fake = self.D.codec.decode(st.x0_hat)
@@ -450,6 +488,18 @@ class Objective:
                         "disc/logit_fake": float(fake_logits.detach().mean())})
         loss.backward()
         self.guard(self.D, st.logs, "disc/", logs)
+
+
+def authors_grad_scaler_ratio(step: int, ttur: int, growth_interval: int = 2000) -> float:
+    """scale_G / scale_D in the authors' SD3.5 trainers at 0-based iteration `step` (a generator iteration):
+    both are torch's default (Sharded)GradScaler (init 2^16, growth x2 after 2000 finite updates); scaler_d
+    updates every iteration, the generator's scaler only on generator iterations, so before this iteration's
+    unscale scaler_d has seen `step` updates and the generator's (step + 1) / ttur - 1. A carried gradient,
+    scaled by scale_G and unscaled by scale_D, keeps this ratio: 1 for the first 2000 iterations, then halving
+    every 2000 (at TTUR 10: 1/512 by iteration 20000). No step overflows in their bf16 autocast, we assume: an
+    overflow would halve a scale and is not modelled."""
+    n_g = (step + 1) // ttur - 1
+    return 2.0 ** (n_g // growth_interval - step // growth_interval)
 
 
 def guided_loss_backward(role: Role, x, sigma, st: IterState, g_in, scale: float, loss_fn):

@@ -96,6 +96,8 @@ def recipe_card(cfg, world: int | None = None) -> dict:
         card["discriminator"] = {"maps": len(dc.feature_layers) + int(dc.patch_features),
                                  "image_size": dc.image_size or cfg.data.resolution,
                                  "text_condition": dc.text_condition}
+        # the two authors' behaviours behind switches (docs/recipes.md, "Differences we keep")
+        card["discriminator_update"] = {"generator_grad": dc.generator_grad, "spectral_norm": dc.spectral_norm}
     for name in ("generator", "fake_score"):
         lc = getattr(cfg.roles, name).lora
         if lc.enabled:  # not the paper's recipe: the authors fine-tune every weight
@@ -149,6 +151,12 @@ def render(card: dict) -> str:
     if "gan_weight_at_anchors" in card:
         row("GAN weight at anchors", card["gan_weight_at_anchors"])
         row("discriminator", card["discriminator"])
+        du = card["discriminator_update"]
+        carried = {"dropped": "dropped (heads frozen for it)", "carried": "carried into the heads' update (F)",
+                   "carried_grad_scalers": "carried, weighted scale_G / scale_D (S, L)"}[du["generator_grad"]]
+        row("  generator's GAN grad", carried)
+        row("  spectral norm", {"torch": "torch parametrization (15-step warm-up, u then v)",
+                                "authors": "the authors' (legacy hook: no warm-up, v then u)"}[du["spectral_norm"]])
     row("guidance", f"{card['guidance_mode']}, DMD U{tuple(card['dmd_guidance'])}, fake score {card['fake_guidance']}")
     row("TTUR", card["ttur"])
     if "ida_lambda" in card:

@@ -215,7 +215,8 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed)
             dinov2 = build_dinov2(dc.dinov2, max(dc.feature_layers) + 1, size)
             net = VFMDiscriminator(dinov2, dc.feature_layers, text.dim, dc.image_size, dc.patch_features,
-                                   dc.head_downsample, torch.bfloat16 if dc.precision == "bf16" else torch.float32)
+                                   dc.head_downsample, torch.bfloat16 if dc.precision == "bf16" else torch.float32,
+                                   dc.spectral_norm)
         net = net.to(self.dev).eval()
         o = dc.optimizer
         kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

@@ -281,6 +281,92 @@ def test_discriminator_logits_equal_the_authors_forward():
     assert torch.allclose(got, want, atol=1e-5), (got, want)
 
 
+def test_authors_spectral_norm_is_their_legacy_hook_written_out():
+    """V's SpectralConv2d: `SpectralNorm.apply(self, 'weight', n_power_iterations=1, dim=0, eps=1e-12)`, i.e.
+    torch's legacy hook: u, v ~ N(0, 1) normalised at construction (u drawn first), no warm-up; each
+    training-mode forward v <- normalize(W^T u), u <- normalize(W v); weight / (u^T W v)."""
+    from megatron_senseflow.discriminator import AuthorsSpectralNorm, _sn_conv
+
+    torch.manual_seed(3)
+    ours = _sn_conv(8, 6, 3, stride=2, sn="authors")
+    torch.manual_seed(3)
+    theirs = torch.nn.utils.spectral_norm(torch.nn.Conv2d(8, 6, 3, stride=2, padding=1, padding_mode="circular"),
+                                          n_power_iterations=1, dim=0, eps=1e-12)
+    torch.manual_seed(3)  # by hand: the conv's own init, then u (6), then v (8 * 3 * 3)
+    w = torch.nn.Conv2d(8, 6, 3).weight.detach()
+    u = F.normalize(torch.randn(6), dim=0, eps=1e-12)
+    v = F.normalize(torch.randn(72), dim=0, eps=1e-12)
+    assert torch.equal(ours.parametrizations.weight.original, theirs.weight_orig)
+    assert isinstance(ours.parametrizations.weight[0], AuthorsSpectralNorm)
+    sn = ours.parametrizations.weight[0]
+    sn.train()
+    x = torch.randn(2, 8, 10, 10)
+    for _ in range(3):  # three training-mode forwards, as their heads run per iteration
+        mat = w.flatten(1)
+        v = F.normalize(mat.t() @ u, dim=0, eps=1e-12)
+        u = F.normalize(mat @ v, dim=0, eps=1e-12)
+        by_hand = w / (u @ mat @ v)
+        got, want = ours(x), theirs(x)  # their module is in training mode, as their heads are
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+        sn.eval()  # read the weight without another power iteration
+        assert torch.allclose(ours.weight, by_hand, rtol=1e-6, atol=1e-7)
+        sn.train()
+        assert torch.allclose(sn._u, u, atol=1e-6) and torch.allclose(sn._v, v, atol=1e-6)
+    # the gradient treats u and v as constants in both
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    assert torch.allclose(ours.parametrizations.weight.original.grad, theirs.weight_orig.grad, rtol=1e-5, atol=1e-6)
+    # torch's parametrization (our default) starts from 15 warm-up iterations: another first estimate
+    torch.manual_seed(3)
+    default = _sn_conv(8, 6, 3, stride=2)
+    assert not torch.allclose(default.weight, ours.weight, rtol=1e-3)
+
+
+def test_authors_heads_use_their_spectral_norm_everywhere_it_is():
+    """DiscHeadPlus_2d: every trunk, reference-mapper and cls convolution spectral-normalised, the text mapper not."""
+    from torch.nn.utils import parametrize
+
+    from megatron_senseflow.discriminator import AuthorsSpectralNorm, DiscriminatorHead
+
+    head = DiscriminatorHead(16, 12, 3, sn="authors")
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 * 6 + 2
+    assert all(isinstance(m.parametrizations.weight[0], AuthorsSpectralNorm) for m in convs)
+    assert not parametrize.is_parametrized(head.cmapper)
+
+
+def test_grad_scaler_ratio_is_the_authors_two_scalers():
+    """S / L train(): `scaler.scale(generator_loss).backward()` leaves scale_G x the GAN gradient on the heads;
+    `scaler_d.scale(l_d).backward()` adds scale_D x theirs; `scaler_d.unscale_(optimizer_d)` divides both by
+    scale_D. scaler.update() runs on generator iterations, scaler_d.update() every iteration. Here with real
+    GradScalers, a one-parameter 'head' whose losses have gradient 1, and growth every 3 finite updates."""
+    from megatron_senseflow.methods import authors_grad_scaler_ratio
+
+    for ttur in (5, 10):
+        head, gen = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+        optimizer, optimizer_d = torch.optim.SGD([gen], lr=0.0), torch.optim.SGD([head], lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", growth_interval=3)
+        scaler_d = torch.amp.GradScaler("cpu", growth_interval=3)
+        seen = set()
+        for current_iter in range(1, 61):  # the ratio stays above fp32's epsilon next to the hinge's 1
+            if current_iter % ttur == 0:
+                scaler.scale(gen + head).backward()  # generator_loss: reaches the heads
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+            scaler_d.scale(head).backward()  # l_d_real + l_d_fake
+            scaler_d.unscale_(optimizer_d)
+            if current_iter % ttur == 0:
+                ratio = authors_grad_scaler_ratio(current_iter - 1, ttur, growth_interval=3)
+                assert float(head.grad) - 1.0 == ratio, (ttur, current_iter)
+                seen.add(ratio)
+            scaler_d.step(optimizer_d)
+            scaler_d.update()
+            optimizer_d.zero_grad()
+        assert len(seen) >= 4 and min(seen) < 2 ** -10  # the ratio did fall, step by step
+
+
 def test_recipes_tap_eight_dinov2_maps_at_full_resolution_with_clip_l():
     for recipe in ("flux_dev", "sd35_medium", "sd35_large"):
         dc = load_config(recipe).roles.discriminator

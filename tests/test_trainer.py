@@ -32,6 +32,11 @@ LAYOUTS = {
 }
 
 
+# the production recipes' discriminator (the heads' update carries the generator's GAN gradient, which under
+# PP only the last stage computes; the authors' spectral norm)
+AUTHORS_DISCRIMINATOR = ["roles.discriminator.generator_grad=carried", "roles.discriminator.spectral_norm=authors"]
+
+
 @pytest.fixture(scope="module")
 def layout_runs(teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
@@ -39,7 +44,7 @@ def layout_runs(teacher, tmp_path_factory):
     for name, (world, tp, pp, extra) in LAYOUTS.items():
         d = root / name
         train_inprocess(world, [f"roles.teacher.checkpoint={teacher}", "train.max_steps=4", f"train.output_dir={d}",
-                                *COMMON, *extra], tp=tp, pp=pp)
+                                *COMMON, *AUTHORS_DISCRIMINATOR, *extra], tp=tp, pp=pp)
         out[name] = metrics(d)
     return out
 
@@ -47,7 +52,8 @@ def layout_runs(teacher, tmp_path_factory):
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "tp1pp1dp1"])
 def test_layouts_give_the_same_losses(layout_runs, layout):
     """(TP, PP, DP) = (2,1,1), (1,2,1), (1,1,2), (2,2,1) against (1,1,1): every loss term of the first
-    four iterations (two generator updates with IDA, four fake and discriminator updates)."""
+    four iterations (two generator updates with IDA, four fake and discriminator updates), with the authors'
+    discriminator update: a carried generator gradient missing on some rank would show from iteration 2 on."""
     base, other = layout_runs["tp1pp1dp1"], layout_runs[layout]
     assert len(base) == len(other) == 4
     compared = 0
@@ -92,6 +98,76 @@ def test_single_pass_and_two_pass_generator_updates_give_the_same_gradients(teac
                 for k in one["grads"])
     assert worst < 1e-6
     assert sum(g.norm().item() for g in one["grads"].values()) > 0  # the test would notice missing grads
+
+
+def _authors_disc_update_body(env, teacher, mode):
+    """One generator iteration of the tiny recipe with the authors' discriminator switches; returns the heads'
+    grads as the discriminator's step receives them and what the authors' lines give from the same inputs."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from megatron_senseflow import losses
+    from megatron_senseflow.config import load_config
+    from megatron_senseflow.trainer import Trainer
+
+    cfg = load_config("tiny", [f"roles.teacher.checkpoint={teacher}", "train.output_dir=/nonexistent",
+                               f"roles.discriminator.generator_grad={mode}", "roles.discriminator.spectral_norm=authors"])
+    tr = Trainer(cfg, env)
+    D = tr.roles.discriminator
+    start = copy.deepcopy(D.net)  # the heads and their u, v before the iteration
+    calls, seen = [], {}
+    forward, step, hinge = D.net.forward, D.step, losses.hinge_d_terms
+
+    def record_forward(images, text, refs):
+        calls.append((images.detach().clone(), text.detach().clone(), [r.detach().clone() for r in refs]))
+        return forward(images, text, refs)
+
+    def record_step():
+        seen["grads"] = [p.grad.clone() for p in D.net.trainable_parameters()]
+        return step()
+
+    def record_hinge(real, fake, w):
+        seen["w"] = w.detach().clone()
+        return hinge(real, fake, w)
+
+    D.net.forward, D.step, losses.hinge_d_terms = record_forward, record_step, record_hinge
+    try:
+        logs = tr.objective.step(next(iter(tr.data)), 1)  # ttur 2: iteration 1 updates the generator
+    finally:
+        losses.hinge_d_terms = hinge
+    assert "gen/gan" in logs and len(calls) == 3  # the generator's GAN term, then real, then fake
+
+    # the authors' lines (F train(), V): heads in training mode, so each forward advances u, v once
+    net = start
+    for m in net.heads.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            m.parametrizations.weight[0].train()
+    w, gan_weight = seen["w"], cfg.distill.gan_weight
+    (gen_img, text, refs), (real_img, _, _), (fake_img, _, _) = calls
+    # l_g_gan = gan_weight * cri_gan(fake_g_pred, True, is_disc=False, keepdim=True); generator_loss +=
+    # (timew * l_g_gan).mean(); generator_loss.backward() (DMD and ISG do not reach the heads)
+    l_g_gan = gan_weight * -net(gen_img, text, refs).mean(dim=1)
+    if mode != "dropped":  # ('dropped': the pass happens, advancing u and v, but leaves nothing on the heads)
+        (w * l_g_gan).mean().backward()
+    # optimizer_d is not zeroed here: l_d_real.backward(); l_d_fake.backward()
+    torch.mean(torch.relu(1 - net(real_img, text, refs)).mean(dim=1) * w).backward()
+    torch.mean(torch.relu(1 + net(fake_img, text, refs)).mean(dim=1) * w).backward()
+    return {"got": seen["grads"], "want": [p.grad.clone() for p in net.heads.parameters()],
+            "carried": logs.get("disc/carried_grad_norm")}
+
+
+@pytest.mark.parametrize("mode", ["carried", "dropped"])
+def test_discriminator_update_is_the_authors_on_generator_iterations(teacher, mode):
+    """roles.discriminator.generator_grad=carried: the heads' update on a generator iteration is the generator's
+    GAN gradient plus the hinge's, as the authors' train() leaves it (optimizer_d zeroed only after its step),
+    with their spectral norm advancing at each of the three passes; 'dropped' leaves the hinge's alone."""
+    r = run_distributed(_authors_disc_update_body, 1, str(teacher), mode)[0]
+    assert len(r["got"]) == len(r["want"]) > 0
+    for g, w in zip(r["got"], r["want"]):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-7), (g - w).abs().max()
+    if mode == "carried":  # large enough that leaving it out would fail the comparison above
+        assert r["carried"] > 0.01 * math.sqrt(sum(float(w.square().sum()) for w in r["want"]))
 
 
 def _ida_bf16_body(env, lam):
