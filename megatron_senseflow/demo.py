@@ -280,8 +280,9 @@ SAMPLERS = ("teacher_50", "teacher_4", "student_4_stochastic", "student_4_euler"
 
 
 def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_digit: int, cfg_scale: float, log,
-             which: tuple[str, ...] = SAMPLERS, grid: bool = True) -> dict:
-    """Samples from teacher (50 and 4 Euler steps, CFG) and the student (4 steps, both samplers) -> table + grid."""
+             which: tuple[str, ...] = SAMPLERS, grid: bool = True, classifier: tuple | None = None) -> dict:
+    """Samples from teacher (50 and 4 Euler steps, CFG) and the student (4 steps, both samplers) -> table + grid.
+    `classifier`: (net, held-out accuracy) of train_classifier, when the caller has trained it already."""
     from megatron_senseflow import flow
     from megatron_senseflow.config import ParallelConfig
     from megatron_senseflow.distributed import destroy_distributed, init_distributed
@@ -292,7 +293,7 @@ def evaluate(run_dir: Path, teacher_dir: Path, text: DigitsText, out: Path, per_
 
     init_distributed(ParallelConfig(), device="cpu")
     images, labels = digit_images()
-    net, held_out = train_classifier(images, labels)
+    net, held_out = classifier or train_classifier(images, labels)
     with torch.no_grad():
         ref = net.body(images).numpy().astype(np.float64)
     log(f"digit classifier: {held_out:.1%} accuracy on held-out real digits")
@@ -414,6 +415,11 @@ ABLATIONS = {
     "dmd2_ttur20": {"method": "dmd2", "distill": {"ttur": 20}},
     "senseflow_ttur5": {"distill": {"ttur": 5}},
     "senseflow_ttur10": {"distill": {"ttur": 10}},
+    "senseflow_ttur20": {"distill": {"ttur": 20}},
+    # Fig. 3's claim isolated: SenseFlow without IDA (lambda 1: the fake score is not blended), each TTUR
+    "senseflow_no_ida_ttur5": {"distill": {"ttur": 5, "ida_lambda": 1.0}},
+    "senseflow_no_ida_ttur10": {"distill": {"ttur": 10, "ida_lambda": 1.0}},
+    "senseflow_no_ida_ttur20": {"distill": {"ttur": 20, "ida_lambda": 1.0}},
     "senseflow_no_isg": {"distill": {"isg_weight": 0.0}},
     "senseflow_no_gan": {"distill": {"gan_weight": 0.0}},
     # the authors' discriminator update (docs/recipes.md, difference 11), one switch at a time, at TTUR 5
@@ -421,6 +427,11 @@ ABLATIONS = {
     "senseflow_ttur5_authors_sn": {"distill": {"ttur": 5}, "roles": {"discriminator": {"spectral_norm": "authors"}}},
     "sid": {"method": "sid"},
 }
+
+
+# what `--ablate` runs without --variants (the README's table); the IDA/TTUR grid and the switches are named
+DEFAULT_ABLATIONS = ["dmd2_ttur5", "dmd2_ttur10", "dmd2_ttur20", "senseflow_ttur5", "senseflow_ttur10",
+                     "senseflow_no_isg", "senseflow_no_gan", "sid"]
 
 
 class DigitFeatures(nn.Module):
@@ -478,63 +489,98 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
     img.save(path)
 
 
+SEED_KEYS = ("final_fd", "best_fd", "fd_spread_last_third", "accuracy_euler", "accuracy_stochastic",
+             "fd_euler_after", "fd_stochastic_after")
+
+
+def summarise_seeds(runs: list[dict]) -> dict:
+    """Mean, sample standard deviation (0 for one seed), min and max over seeds of each number; total seconds."""
+    out = {"seeds": [r["seed"] for r in runs], "seconds": round(sum(r["seconds"] for r in runs), 1)}
+    for k in SEED_KEYS:
+        v = np.array([r[k] for r in runs], dtype=np.float64)
+        out[k] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                  "min": float(v.min()), "max": float(v.max())}
+    return out
+
+
+def ablation_table(rows: dict, seeds: int, eval_images: int) -> list[str]:
+    def cell(x, pct=False):
+        f = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:.2f}")
+        return f(x["mean"]) + (f" ± {f(x['sd'])}" if seeds > 1 else "")
+
+    what = "mean ± sd over seeds " + ", ".join(str(s) for s in next(iter(rows.values()))["seeds"]) if seeds > 1 else "one seed"
+    lines = [f"({what})", "",
+             "| variant | final FD | best FD | FD spread, last third | prompt accuracy (Euler / stochastic) | "
+             f"FD, {eval_images} samples (Euler) | FD, {eval_images} samples (stochastic) | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {cell(r['final_fd'])} | {cell(r['best_fd'])} | {cell(r['fd_spread_last_third'])} | "
+                     f"{cell(r['accuracy_euler'], True)} / {cell(r['accuracy_stochastic'], True)} | "
+                     f"{cell(r['fd_euler_after'])} | {cell(r['fd_stochastic_after'])} | {r['seconds']:.0f} s |")
+    return lines
+
+
 def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) -> int:
     """Every variant of ABLATIONS (or --variants) from the one cached teacher, with the in-loop evaluation on."""
     import yaml
 
     images, labels = digit_images()
-    net, _ = train_classifier(images, labels)
+    net, acc = train_classifier(images, labels)
     feats = out / "digit_features.pt"
     torch.jit.script(DigitFeatures(net.body)).save(str(feats))
-    names = args.variants.split(",") if args.variants else list(ABLATIONS)
+    names = args.variants.split(",") if args.variants else DEFAULT_ABLATIONS
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         from .config import ConfigError
 
         raise ConfigError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(ABLATIONS)}.")
     every = max(1, args.steps // 10)
-    rows, curves = {}, {}
+    rows, curves, runs = {}, {}, {}
     for name in names:
-        run_dir = out / "ablation" / name
-        recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg, ttur=2, ema_decay=0.0),
-                        ABLATIONS[name])
-        recipe["eval"] = {"every": every, "num_samples": args.eval_samples, "features": str(feats)}
-        recipe["logging"]["image_every"] = 0
-        path = out / "ablation" / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        log(f"ablation {name}: senseflow train {path}")
-        t0 = time.time()
-        # evaluate() of the previous variant initialised torch.distributed in this process, which left its
-        # rendezvous variables in os.environ (and its port bound): the next run must choose its own
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(path)],
-                             stdout=subprocess.DEVNULL, env=env)
-        seconds = time.time() - t0
-        if rc != 0:
-            print(f"senseflow demo: ablation {name} failed (exit {rc}); rerun {path} to see why.", file=sys.stderr)
-            return rc
-        evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curve = [(r["step"], r["eval/fd_euler"]) for r in evals if "eval/fd_euler" in r]
-        curves[name] = curve
-        res = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log,
-                       which=("student_4_stochastic", "student_4_euler"), grid=False)
-        fds = [v for _, v in curve]
-        rows[name] = {"final_fd": fds[-1], "best_fd": min(fds), "fd_spread_last_third": fd_spread(fds),
-                      "accuracy_euler": res["student_4_euler"]["accuracy"],
-                      "accuracy_stochastic": res["student_4_stochastic"]["accuracy"],
-                      "fd_euler_after": res["student_4_euler"]["fd"], "seconds": round(seconds, 1)}
+        for k in range(args.seeds):
+            tag = name if k == 0 else f"{name}_seed{k}"
+            run_dir = out / "ablation" / tag
+            recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg, ttur=2, ema_decay=0.0),
+                            ABLATIONS[name])
+            recipe["train"]["seed"] += k  # the first seed is the demo's own
+            recipe["eval"] = {"every": every, "num_samples": args.eval_samples, "features": str(feats)}
+            recipe["logging"]["image_every"] = 0
+            path = out / "ablation" / f"{tag}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            log(f"ablation {tag}: senseflow train {path}")
+            t0 = time.time()
+            # evaluate() of the previous variant initialised torch.distributed in this process, which left its
+            # rendezvous variables in os.environ (and its port bound): the next run must choose its own
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+            rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(path)],
+                                 stdout=subprocess.DEVNULL, env=env)
+            seconds = time.time() - t0
+            if rc != 0:
+                print(f"senseflow demo: ablation {tag} failed (exit {rc}); rerun {path} to see why.", file=sys.stderr)
+                return rc
+            evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            curve = [(r["step"], r["eval/fd_euler"]) for r in evals if "eval/fd_euler" in r]
+            res = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log,
+                           which=("student_4_stochastic", "student_4_euler"), grid=False, classifier=(net, acc))
+            fds = [v for _, v in curve]
+            runs.setdefault(name, []).append({
+                "seed": recipe["train"]["seed"], "curve": curve, "final_fd": fds[-1], "best_fd": min(fds),
+                "fd_spread_last_third": fd_spread(fds), "accuracy_euler": res["student_4_euler"]["accuracy"],
+                "accuracy_stochastic": res["student_4_stochastic"]["accuracy"],
+                "fd_euler_after": res["student_4_euler"]["fd"],
+                "fd_stochastic_after": res["student_4_stochastic"]["fd"], "seconds": round(seconds, 1)})
+        rows[name] = summarise_seeds(runs[name])
+        curves[name] = [(step, float(np.mean([r["curve"][i][1] for r in runs[name]])))
+                        for i, (step, _) in enumerate(runs[name][0]["curve"])]
+    seeds = f", mean over {args.seeds} seeds" if args.seeds > 1 else ""
     plot_curves(curves, out / "ablation.png",
-                f"in-loop FD (Euler, {args.eval_samples} samples) against iteration, {args.steps} iterations, batch 64")
-    lines = ["| variant | final FD | best FD | FD spread, last third | prompt accuracy (Euler / stochastic) | "
-             f"FD, {10 * args.per_digit} samples (Euler) | wall time |", "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['final_fd']:.2f} | {r['best_fd']:.2f} | {r['fd_spread_last_third']:.2f} | "
-                     f"{r['accuracy_euler']:.1%} / {r['accuracy_stochastic']:.1%} | {r['fd_euler_after']:.2f} | "
-                     f"{r['seconds']:.0f} s |")
+                f"in-loop FD (Euler, {args.eval_samples} samples{seeds}) against iteration, {args.steps} iterations, "
+                "batch 64")
+    lines = ablation_table(rows, args.seeds, 10 * args.per_digit)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    (out / "ablation.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
+    (out / "ablation.json").write_text(json.dumps({"rows": rows, "curves": curves, "runs": runs}, indent=1))
     print("\n".join(lines))
     print(f"\nablation: {out / 'ablation.png'}  {out / 'ablation.md'}  {out / 'ablation.json'}")
     return 0
@@ -552,7 +598,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of the one student: train the ablation variants (DMD2 at TTUR 5/10/20, SenseFlow at "
                         "TTUR 5/10, without ISG, without the GAN term, SiD) with the in-loop evaluation on; writes "
                         "ablation.png (FD against iteration) and ablation.md / .json")
-    p.add_argument("--variants", default=None, help="comma list of ablation variants (default: all)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of ablation variants (default: " + ",".join(DEFAULT_ABLATIONS) + "; also: "
+                        + ",".join(k for k in ABLATIONS if k not in DEFAULT_ABLATIONS) + ")")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs of each ablation variant with train.seed 1, 2, ...: the table gives mean ± sd")
     p.add_argument("--eval-samples", type=int, default=128,
                    help="fixed samples of the in-loop evaluation of each ablation variant (default 128)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",

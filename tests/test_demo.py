@@ -105,28 +105,36 @@ def test_demo_nproc_2_distils_lora_students_at_tp2_and_evaluates_at_tp1(demo, tm
 
 
 def test_demo_ablate_trains_each_variant_with_in_loop_evaluation(demo, tmp_path):
+    """One variant at two seeds: each run's curve and numbers from its in-loop evaluation, the row their mean
+    and spread."""
     root, _ = demo
     out = tmp_path / "out"
-    r = _run("demo", "--ablate", "--variants", "dmd2_ttur5,senseflow_no_gan", "--out", out, "--cache", root / "cache",
+    r = _run("demo", "--ablate", "--variants", "dmd2_ttur5", "--seeds", 2, "--out", out, "--cache", root / "cache",
              "--teacher-steps", 30, "--steps", 4, "--per-digit", 2, "--eval-samples", 16)
     assert "teacher: cached" in r.stdout
     res = json.loads((out / "ablation.json").read_text())
-    assert list(res["rows"]) == ["dmd2_ttur5", "senseflow_no_gan"]
-    for name, row in res["rows"].items():
+    assert list(res["rows"]) == ["dmd2_ttur5"]
+    runs, row = res["runs"]["dmd2_ttur5"], res["rows"]["dmd2_ttur5"]
+    assert [run["seed"] for run in runs] == row["seeds"] == [1, 2]
+    for run in runs:
         # eval.every = max(1, 4 // 10) = 1: an FD at every iteration, from the in-loop evaluation's own numbers
-        curve = res["curves"][name]
-        assert [s for s, _ in curve] == [1, 2, 3, 4]
-        fds = [v for _, v in curve]
-        assert row["final_fd"] == fds[-1] and row["best_fd"] == min(fds)
-        assert row["fd_spread_last_third"] == max(fds[-1:]) - min(fds[-1:])
-        assert 0 <= row["accuracy_euler"] <= 1
-    # each variant's recipe is the demo recipe with its change
-    recipe = (out / "ablation" / "dmd2_ttur5.yaml").read_text()
-    assert "method: dmd2" in recipe and "ttur: 5" in recipe
-    assert "gan_weight: 0.0" in (out / "ablation" / "senseflow_no_gan.yaml").read_text()
+        assert [s for s, _ in run["curve"]] == [1, 2, 3, 4]
+        fds = [v for _, v in run["curve"]]
+        assert run["final_fd"] == fds[-1] and run["best_fd"] == min(fds)
+        assert run["fd_spread_last_third"] == max(fds[-1:]) - min(fds[-1:])
+        assert 0 <= run["accuracy_euler"] <= 1
+    assert runs[0]["curve"] != runs[1]["curve"]  # the seed changed the run
+    finals = [run["final_fd"] for run in runs]
+    assert row["final_fd"]["mean"] == pytest.approx(sum(finals) / 2)
+    assert row["final_fd"]["sd"] == pytest.approx(abs(finals[0] - finals[1]) / math.sqrt(2))
+    assert res["curves"]["dmd2_ttur5"][-1][1] == pytest.approx(sum(finals) / 2)
+    # each run's recipe is the demo recipe with the variant's change and its seed
+    for tag, seed in (("dmd2_ttur5", 1), ("dmd2_ttur5_seed1", 2)):
+        recipe = (out / "ablation" / f"{tag}.yaml").read_text()
+        assert "method: dmd2" in recipe and "ttur: 5" in recipe and f"seed: {seed}" in recipe
     png = _png(out / "ablation.png")
     assert png.shape[:2] == (520, 900) and len(np.unique(png.reshape(-1, png.shape[-1]), axis=0)) > 4
-    assert "| dmd2_ttur5 |" in (out / "ablation.md").read_text()
+    assert "| dmd2_ttur5 |" in (out / "ablation.md").read_text() and " ± " in (out / "ablation.md").read_text()
 
 
 def test_fd_spread_is_the_range_of_the_last_third():
