@@ -40,9 +40,12 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset's architecture fields, named as in diffusers' config.json; with a teacher
     checkpoint they must agree with it (the loader fills in the rest from the checkpoint)."""
-    student_guidance_embeds: bool = False
+    student_guidance_embeds: bool | None = None
     """Teachers that embed a guidance scale (FLUX.1-dev, FLUX.2-dev): keep that embedding in generator and fake
-    score (SenseFlow drops it)."""
+    score, fed the fixed distill.student_guidance. None: kept when the students are LoRA (they share the
+    teacher's weights, and the stock pipeline their adapters load into holds the embedder: its call passes
+    guidance_scale = distill.student_guidance, which `senseflow export` prints), dropped for full fine-tuning
+    (SenseFlow's FLUX students take no guidance scale)."""
     spec: Literal["local", "te"] = "local"
     """Layer backend: 'local' (plain torch + megatron-core TP layers, runs on CPU) or 'te' (TransformerEngine)."""
     recompute: Literal["none", "full", "selective"] = "none"
@@ -545,7 +548,11 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    return typed_yaml.build(Config, data, source)
+    cfg = typed_yaml.build(Config, data, source)
+    m, r = cfg.model, cfg.roles
+    if m.student_guidance_embeds is None:  # resolved here, so a run's saved config.yaml says what it did
+        m.student_guidance_embeds = r.generator.lora.enabled or r.fake_score.lora.enabled
+    return cfg
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -98,6 +98,19 @@ def test_arch_overrides_checked_against_family():
     assert cfg.model.teacher_arch().guidance_embeds and not cfg.model.student_arch().guidance_embeds
 
 
+def test_lora_students_keep_the_guidance_embedder_full_ones_drop_it():
+    """A LoRA student's base is the teacher (embedder included) and its file loads into a stock pipeline that has
+    the embedder; fully fine-tuned SenseFlow students drop it. The resolved choice is what a run's config says."""
+    lora = {"roles": {"generator": {"lora": {"rank": 4}}, "fake_score": {"lora": {"rank": 4}}}}
+    full = config_from_dict({"model": {"preset": "flux-dev"}})
+    adapted = config_from_dict({"model": {"preset": "flux-dev"}, **lora})
+    assert full.model.student_guidance_embeds is False and not full.model.student_arch().guidance_embeds
+    assert adapted.model.student_guidance_embeds is True and adapted.model.student_arch().guidance_embeds
+    explicit = config_from_dict({"model": {"preset": "flux-dev", "student_guidance_embeds": False}, **lora})
+    assert not explicit.model.student_arch().guidance_embeds
+    assert "student_guidance_embeds: true" in dump_config(adapted)
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config("tiny", ["parallel.pp=2"])
     p = tmp_path / "resolved.yaml"

@@ -85,8 +85,8 @@ def _import_export(env, base, ckpt, out):
     return True
 
 
-def _draw(pipe):
-    return pipe("a cat", height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16,
+def _draw(pipe, guidance_scale: float = 3.5):
+    return pipe("a cat", height=32, width=32, num_inference_steps=4, guidance_scale=guidance_scale, max_sequence_length=16,
                 output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 

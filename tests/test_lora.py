@@ -267,11 +267,10 @@ def test_lora_roles_share_the_teacher_and_ida_moves_as_derived(tmp_path, tp):
 # --------------------------------------------------------------------------- export: a diffusers LoRA and merged weights
 
 
-def _adapted_export(hf_dir, root, flux_student: bool = False):
+def _adapted_export(hf_dir, root):
     """Import `hf_dir` as the base, add random rank-4 adapters, save them as a LoRA checkpoint and export it as a
-    diffusers LoRA (ROOT/lora). Returns the adapted model and random inputs for it."""
-    import dataclasses
-
+    diffusers LoRA (ROOT/lora). Returns the adapted model and random inputs for it. A FLUX.1-dev-style base keeps
+    its guidance embedder, as LoRA students do (model.student_guidance_embeds)."""
     from megatron_senseflow.models import build_model, transformer_config
     from megatron_senseflow.models.checkpoint_io import checkpoint_arch, load_model, save_model
     from megatron_senseflow.models.lora import LoRASpec, add_lora
@@ -280,10 +279,8 @@ def _adapted_export(hf_dir, root, flux_student: bool = False):
 
     teacher = import_checkpoint(hf_dir, f"{root}/teacher", progress=False)
     arch = checkpoint_arch(teacher)
-    if flux_student:  # FLUX.1-dev's guidance embedder stays in the teacher, the SenseFlow student drops it
-        arch = dataclasses.replace(arch, guidance_embeds=False)
     model = build_model(arch, transformer_config(arch))
-    load_model(model, arch, teacher, allow_guidance_drop=flux_student)
+    load_model(model, arch, teacher)
     add_lora(model, LoRASpec(4, 8.0), arch.attention_head_dim)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -300,7 +297,7 @@ def _export_body(env, base_pipe, root):
     from megatron_senseflow.sample_cli import load_model as sample_load
     from megatron_senseflow.tools.convert_checkpoint import export_checkpoint
 
-    model, batch = _adapted_export(base_pipe, root, flux_student=True)
+    model, batch = _adapted_export(base_pipe, root)
     export_checkpoint(f"{root}/adapters", f"{root}/merged", merge=True, base_pipeline=base_pipe, progress=False)
     with torch.no_grad():
         ours = model(**batch)
@@ -311,7 +308,7 @@ def _export_body(env, base_pipe, root):
 
 @pytest.mark.slow
 def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights(tmp_path):
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
     from tests.test_convert_pipeline import _draw, build_base_pipeline
 
@@ -323,21 +320,25 @@ def test_exported_lora_loads_into_a_diffusers_pipeline_and_equals_merged_weights
     assert oct(lora_file.stat().st_mode & 0o777) == oct((tmp_path / "merged" / "model_index.json").stat().st_mode & 0o777)
     assert torch.allclose(r["sample"], r["ours"], rtol=0, atol=1e-6)
 
+    # the stock pipeline as it comes (the teacher's transformer, guidance embedder included), no hand edits;
+    # called with the guidance the student trained at, which the file records and `senseflow export` prints
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as f:
+        g = float(f.metadata()["senseflow.guidance_scale"])
+    assert g == 1.0  # distill.student_guidance's default
     pipe = FluxPipeline.from_pretrained(base)
-    teacher = pipe.transformer
-    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
-    student = FluxTransformer2DModel(**{**config, "guidance_embeds": False})
-    student.load_state_dict(teacher.state_dict(), strict=False)
-    pipe.transformer = student
-    plain = _draw(pipe)
+    assert pipe.transformer.config.guidance_embeds
+    plain = _draw(pipe, g)
     pipe.load_lora_weights(tmp_path / "lora")
     with torch.no_grad():  # diffusers' transformer with the LoRA loaded = our adapted model
         theirs = pipe.transformer(**r["batch"]).sample
     assert ((theirs - r["ours"]).norm() / r["ours"].norm()).item() < 1e-5
-    with_lora = _draw(pipe)
-    merged = _draw(FluxPipeline.from_pretrained(tmp_path / "merged"))
+    with_lora = _draw(pipe, g)
+    merged = FluxPipeline.from_pretrained(tmp_path / "merged")
+    assert merged.transformer.config.guidance_embeds
     assert np.abs(plain - with_lora).max() > 10 / 255  # the adapters do change the image
-    assert np.abs(with_lora - merged).max() <= 1 / 255  # one grey level
+    assert np.abs(with_lora - _draw(merged, g)).max() <= 1 / 255  # one grey level
 
 
 def _export_sd3_body(env, transformer_dir, root):

@@ -281,7 +281,8 @@ def export_checkpoint(
         raise ConversionError(f"{role_dir} holds LoRA adapters (rank {lora_info['rank']}); choose --lora (a diffusers "
                               f"LoRA file for load_lora_weights) or --merge (full weights: base + adapters).")
     if lora:
-        return export_lora(role_dir, out, arch, spec_from_meta(lora_info), overwrite=overwrite)
+        return export_lora(role_dir, out, arch, spec_from_meta(lora_info), overwrite=overwrite,
+                           guidance=trained_guidance(arch, ckpt))
     adapters = None
     if merge:
         spec = spec_from_meta(lora_info)
@@ -363,7 +364,8 @@ def export_checkpoint(
     return tdir
 
 
-def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool = False) -> Path:
+def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool = False,
+                guidance: float | None = None) -> Path:
     """Adapters -> `out/pytorch_lora_weights.safetensors` in the diffusers layout that
     FluxPipeline / SD3Pipeline.load_lora_weights read (`transformer.<module>.lora_A.weight`, fused QKV split into
     to_q / to_k / to_v). The scale alpha / r is folded into B, so the file means the same under any alpha a
@@ -387,7 +389,10 @@ def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool 
     out = Path(out)
     _prepare_out(out, overwrite)
     path = out / "pytorch_lora_weights.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    meta = {"format": "pt"}
+    if guidance is not None:  # the guidance embedding the student trained at (loaders ignore unknown keys)
+        meta["senseflow.guidance_scale"] = f"{guidance:g}"
+    save_file(tensors, str(path), metadata=meta)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; readable like the rest of an export
@@ -461,7 +466,31 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
     print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
     if direction == "export" and hint:
         print(f"{prog}: the stock pipeline's default call does not sample at the student's anchors; call it as {hint}")
+    if direction == "export":
+        g = trained_guidance(checkpoint_arch_of(role_dir), args.ckpt)
+        if g is not None:
+            print(f"{prog}: the student keeps the teacher's guidance embedder and was trained with guidance {g:g}: "
+                  f"call the pipeline with guidance_scale={g:g} (its default is the teacher's)")
     return 0
+
+
+def checkpoint_arch_of(role_dir: Path):
+    from megatron_senseflow.models.checkpoint_io import checkpoint_arch
+
+    return checkpoint_arch(role_dir)
+
+
+def trained_guidance(arch, ckpt) -> float | None:
+    """The fixed guidance embedding a student that keeps the teacher's guidance embedder trained at (LoRA students,
+    SiD's FLUX students: distill.student_guidance of its run); None for students without the embedder. A stock
+    pipeline's call must pass it as guidance_scale."""
+    from megatron_senseflow.config import DistillConfig
+    from megatron_senseflow.sample_cli import training_config
+
+    if not arch.guidance_embeds:
+        return None
+    run = training_config(str(ckpt))
+    return (run.distill if run is not None else DistillConfig()).student_guidance
 
 
 def sampling_hint(role_dir: Path, ckpt) -> str | None:
