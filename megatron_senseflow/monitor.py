@@ -43,9 +43,26 @@ def keep_rows_up_to(path: Path, step: int) -> int:
     return len(kept)
 
 
+def pace(step_time: float | None, step: int, max_steps: int | None) -> str:
+    """' 2.31 s/it, ETA 12 min 5 s' from the last logging interval's time per iteration (evaluation and saves
+    inside it included), or '' before there is one."""
+    if not step_time or not math.isfinite(step_time):
+        return ""
+    rate = f"{1 / step_time:.2f} it/s" if step_time < 1 else f"{step_time:.2f} s/it"
+    if not max_steps or step >= max_steps:
+        return f", {rate}"
+    left = round(step_time * (max_steps - step))
+    h, rem = divmod(left, 3600)
+    m, sec = divmod(rem, 60)
+    eta = f"{h} h {m} min" if h else f"{m} min {sec} s" if m else f"{sec} s"
+    return f", {rate}, ETA {eta}"
+
+
 class Monitor:
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0,
+                 max_steps: int | None = None):
         self.enabled = enabled
+        self.max_steps = max_steps
         self.writer = None
         self.jsonl = None
         self.t0 = time.time()
@@ -74,7 +91,9 @@ class Monitor:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
         main = {k: clean[k] for k in ("gen/total", "fake/fm", "disc/loss", "perf/samples_per_s") if k in clean}
-        print(f"[step {step}] " + " ".join(f"{k}={v:.4g}" for k, v in main.items()), flush=True)
+        line = f"[step {step}" + (f"/{self.max_steps}" if self.max_steps else "") + "] "
+        line += " ".join(f"{k}={v:.4g}" for k, v in main.items())
+        print(line + pace(clean.get("perf/step_time_s"), step, self.max_steps), flush=True)
 
     def images(self, step: int, tag: str, grid_CHW: torch.Tensor) -> None:
         if self.enabled and self.writer is not None:

@@ -264,7 +264,8 @@ class Trainer:
     def run(self) -> int:
         c = self.cfg
         resumed = self._maybe_resume()
-        self.monitor = Monitor(self.out, self.env.is_main, c.logging.tensorboard, resume_step=self.step)
+        self.monitor = Monitor(self.out, self.env.is_main, c.logging.tensorboard, resume_step=self.step,
+                               max_steps=c.train.max_steps)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(c))

@@ -71,6 +71,7 @@ def test_stop_and_rerun_continues_bit_identically_past_a_half_written_checkpoint
     (crashed / "generator" / "garbage.distcp").write_bytes(b"\0" * 100)
     log = _finish(cli(_args(teacher, tmp_path, 6, 2)))
     assert "resumed at step 3" in log and not crashed.exists()
+    assert "[step 5/6] " in log and "ETA" in log.split("[step 5/6] ")[1].splitlines()[0]  # rate and time left
     got = _losses(metrics(tmp_path))
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
