@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "psutil>=5.9",
     "scipy>=1.11",
     "torchmetrics>=1.4",
+    "matplotlib>=3.8",  # the ablation figure (senseflow demo --ablate)
 ]
 
 SUBPACKAGES = ("models", "data", "tools", "slurm")

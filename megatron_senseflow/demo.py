@@ -460,33 +460,23 @@ def fd_spread(curve: list[float]) -> float:
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """FD against iteration, one coloured line per variant, with axes and a legend (PIL: no plotting dependency)."""
-    from PIL import Image, ImageDraw
+    """FD against iteration, one line per variant, with axes, grid and legend (matplotlib, no display needed)."""
+    import matplotlib
 
-    w, h, left, right, top, bottom = 900, 520, 60, 220, 30, 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    pts = [p for c in curves.values() for p in c]
-    x_max = max(s for s, _ in pts)
-    y_max = max(v for _, v in pts) * 1.05
-    sx = lambda s: left + (w - left - right) * s / x_max  # noqa: E731
-    sy = lambda v: h - bottom - (h - top - bottom) * v / y_max  # noqa: E731
-    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
-    for i in range(6):
-        v = y_max * i / 5
-        d.line([(left - 4, sy(v)), (left, sy(v))], fill="black")
-        d.text((5, sy(v) - 6), f"{v:.0f}" if y_max >= 10 else f"{v:.1f}", fill="black")
-        s = x_max * i / 5
-        d.text((sx(s) - 10, h - bottom + 6), f"{s:.0f}", fill="black")
-    d.text((left, 8), title, fill="black")
-    d.text((w - right - 60, h - 18), "iteration", fill="black")
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    for i, (name, curve) in enumerate(curves.items()):
-        col = colours[i % len(colours)]
-        d.line([(sx(s), sy(v)) for s, v in curve], fill=col, width=2)
-        d.line([(w - right + 10, top + 18 * i + 6), (w - right + 30, top + 18 * i + 6)], fill=col, width=3)
-        d.text((w - right + 36, top + 18 * i), name, fill="black")
-    img.save(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.2), dpi=100)
+    for name, curve in curves.items():
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, linewidth=1.5, label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("Frechet distance (digit-classifier features)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 SEED_KEYS = ("final_fd", "best_fd", "fd_spread_last_third", "accuracy_euler", "accuracy_stochastic",
@@ -627,15 +617,22 @@ def run(args: argparse.Namespace) -> int:
     if args.ablate:
         return ablate(args, teacher, text, data, out, log)
     run_dir = out / "run"
+    # the table's classifier, trained once: its features also drive the in-loop evaluation (TensorBoard's
+    # eval/fd_* curves of the generator and the EMA, both samplers)
+    images, labels = digit_images()
+    classifier = train_classifier(images, labels)
+    feats = out / "digit_features.pt"
+    torch.jit.script(DigitFeatures(classifier[0].body)).save(str(feats))
+    spec = demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg, lora=args.lora)
+    spec["eval"] = {"every": max(1, args.steps // 10), "num_samples": 64, "features": str(feats)}
     recipe = out / "demo_recipe.yaml"
-    recipe.write_text(yaml.safe_dump(demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg,
-                                                 lora=args.lora), sort_keys=False))
+    recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
     log(f"distillation: senseflow train {recipe} --nproc {args.nproc}")
     rc = subprocess.call([sys.executable, "-m", "megatron_senseflow.cli", "train", str(recipe), "--nproc", str(args.nproc)])
     if rc != 0:
         print(f"senseflow demo: distillation failed (exit {rc}); its output is above.", file=sys.stderr)
         return rc
-    results = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log)
+    results = evaluate(run_dir, teacher, text, out, args.per_digit, args.cfg, log, classifier=classifier)
     results["seconds_total"] = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print("\nsampler                 Frechet distance   prompt accuracy")

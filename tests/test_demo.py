@@ -74,9 +74,16 @@ def test_demo_trains_teacher_distils_and_scores_every_sampler(demo):
     assert (run / "checkpoints" / "step_00000004" / "generator").is_dir()
     assert (run / "checkpoints" / "step_00000004" / "ema").is_dir()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 4
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4
     assert json.loads((run / "DONE").read_text())["step"] == 4
+    # the in-loop evaluation is on (every max(1, 4 // 10) = 1 iteration): the generator's and the EMA's FD curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("eval/fd_euler", "eval/fd_stochastic", "eval/ema_fd_euler"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4], tag
 
 
 def test_teacher_cache_is_reused(demo):
