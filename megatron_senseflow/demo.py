@@ -446,6 +446,13 @@ class DigitFeatures(nn.Module):
         return self.body(x[:, :1].float() / 127.5 - 1.0)
 
 
+def save_features(net: DigitNet, out: Path) -> Path:
+    """The classifier's features as the TorchScript file eval.features reads."""
+    path = out / "digit_features.pt"
+    torch.jit.script(DigitFeatures(net.body)).save(str(path))
+    return path
+
+
 def _merge(base: dict, change: dict) -> dict:
     out = dict(base)
     for k, v in change.items():
@@ -516,8 +523,7 @@ def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) ->
 
     images, labels = digit_images()
     net, acc = train_classifier(images, labels)
-    feats = out / "digit_features.pt"
-    torch.jit.script(DigitFeatures(net.body)).save(str(feats))
+    feats = save_features(net, out)
     names = args.variants.split(",") if args.variants else DEFAULT_ABLATIONS
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
@@ -527,12 +533,12 @@ def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) ->
     every = max(1, args.steps // 10)
     rows, curves, runs = {}, {}, {}
     for name in names:
-        for k in range(args.seeds):
-            tag = name if k == 0 else f"{name}_seed{k}"
+        for extra_seed in range(args.seeds):
+            tag = name if extra_seed == 0 else f"{name}_seed{extra_seed}"
             run_dir = out / "ablation" / tag
             recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg, ttur=2, ema_decay=0.0),
                             ABLATIONS[name])
-            recipe["train"]["seed"] += k  # the first seed is the demo's own
+            recipe["train"]["seed"] += extra_seed  # the first seed is the demo's own
             recipe["eval"] = {"every": every, "num_samples": args.eval_samples or 128, "features": str(feats)}
             recipe["logging"]["image_every"] = 0
             path = out / "ablation" / f"{tag}.yaml"
@@ -618,17 +624,16 @@ def run(args: argparse.Namespace) -> int:
     if args.ablate:
         return ablate(args, teacher, text, data, out, log)
     run_dir = out / "run"
-    # the table's classifier, trained once: its features also drive the in-loop evaluation (TensorBoard's
-    # eval/fd_* curves of the generator and the EMA, both samplers)
+    # the table's classifier, trained once: with --eval-samples its features also drive the in-loop evaluation
+    # (TensorBoard's eval/fd_* curves of the generator and the EMA, both samplers)
     images, labels = digit_images()
     classifier = train_classifier(images, labels)
-    feats = out / "digit_features.pt"
-    torch.jit.script(DigitFeatures(classifier[0].body)).save(str(feats))
     spec = demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg, lora=args.lora)
     if args.eval_samples:
-        # opt-in: it samples one image per forward (layout-independent results), so 32 samples 5 times cost
-        # about a minute and a half of the demo's 2 cores, and `make demo` must stay under 10 minutes
-        spec["eval"] = {"every": max(1, args.steps // 5), "num_samples": args.eval_samples, "features": str(feats)}
+        # opt-in: it samples one image per forward (layout-independent results); on, it made the cold
+        # `make demo` 11 min 55 s, and `make demo` must stay under 10 minutes
+        spec["eval"] = {"every": max(1, args.steps // 5), "num_samples": args.eval_samples,
+                        "features": str(save_features(classifier[0], out))}
     recipe = out / "demo_recipe.yaml"
     recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
     log(f"distillation: senseflow train {recipe} --nproc {args.nproc}")

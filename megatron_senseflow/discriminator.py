@@ -436,16 +436,28 @@ class DiscriminatorRole:
 
 
 def _mean_grads_over_dp(params: list[torch.Tensor]) -> None:
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() > 1:
+        all_reduce_grads(params, ps.get_data_parallel_group(), mean=True)
+
+
+def all_reduce_grads(params: list[torch.Tensor], group, mean: bool = False, missing_as_zero: bool = False) -> None:
+    """Sum (or average) the params' grads over `group` in one flat collective. `missing_as_zero`: a param
+    without a grad takes part as zeros and gets the reduced grad (ranks that did not compute a term)."""
+    import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    if missing_as_zero:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
-    dp = ps.get_data_parallel_world_size()
-    if not grads or dp == 1:
+    if not grads:
         return
     flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=ps.get_data_parallel_group())
-    flat /= dp
+    dist.all_reduce(flat, group=group)
+    if mean:
+        flat /= dist.get_world_size(group)
     for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(s)

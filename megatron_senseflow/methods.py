@@ -231,15 +231,11 @@ class Objective:
             self.D.zero_grad()
             return
         if self.G.pp > 1:
-            import torch.distributed as dist
             from megatron.core import parallel_state as ps
-            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
-            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-                p.grad = g.clone()
+            from .discriminator import all_reduce_grads
+
+            all_reduce_grads(params, ps.get_pipeline_model_parallel_group(), missing_as_zero=True)
         scale = 1.0
         if self.carry_grad == "carried_grad_scalers":
             scale = authors_grad_scaler_ratio(step, self.d.ttur)

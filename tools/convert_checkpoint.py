@@ -467,17 +467,13 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
     if direction == "export" and hint:
         print(f"{prog}: the stock pipeline's default call does not sample at the student's anchors; call it as {hint}")
     if direction == "export":
-        g = trained_guidance(checkpoint_arch_of(role_dir), args.ckpt)
+        from megatron_senseflow.models.checkpoint_io import checkpoint_arch
+
+        g = trained_guidance(checkpoint_arch(role_dir), args.ckpt)
         if g is not None:
             print(f"{prog}: the student keeps the teacher's guidance embedder and was trained with guidance {g:g}: "
                   f"call the pipeline with guidance_scale={g:g} (its default is the teacher's)")
     return 0
-
-
-def checkpoint_arch_of(role_dir: Path):
-    from megatron_senseflow.models.checkpoint_io import checkpoint_arch
-
-    return checkpoint_arch(role_dir)
 
 
 def trained_guidance(arch, ckpt) -> float | None:
