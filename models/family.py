@@ -14,7 +14,8 @@ models/ never tests which family it holds: it asks `family_of(arch)` (or the arc
 - the costs the planner needs: FLOPs, parameter counts, LoRA-able linears and activation kinds per block;
 - the encoders: `text_encoder` (prompts -> the embeddings the DiT and the discriminator read) and `vae` (images
   <-> latents), used by offline encoding, sampling and the discriminator;
-- export: what a stock diffusers pipeline of the student needs (`pipeline_overrides`) and how to call it.
+- export: what a stock diffusers pipeline of the student needs (`pipeline_overrides`) and how to call it, and the
+  original release's single-file layout (`single_file_recipe`).
 
 Tensor legend: x latents [B, C, H, W] in the family's latent space, sigma [B], text [B, L, D], pooled [B, P].
 """
@@ -161,6 +162,14 @@ class Family:
         {...}, "model_index.json": {...}}), so that the stock pipeline's default call samples the student as it
         trained."""
         return {}
+
+    single_file: ClassVar[str | None] = None
+    """The original release's single-file layout that `senseflow export --single-file` writes (for people), None
+    where the family has none here."""
+
+    def single_file_recipe(self, keys) -> list:
+        """diffusers tensor names -> the steps that make the original single file (models/single_file.py)."""
+        raise NotImplementedError
 
     def sampling_call(self, arch, anchors_unshifted: list[float]) -> str | None:
         """The stock pipeline call that samples an exported student at its anchors, when its default call

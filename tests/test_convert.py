@@ -106,6 +106,59 @@ def test_round_trip_is_bitwise(tmp_path, variant):
     cls = getattr(diffusers, json.loads((src / "config.json").read_text())["_class_name"])
     model = cls.from_pretrained(tmp_path / "out", torch_dtype=dtype)
     assert torch.equal(dict(model.named_parameters())["proj_out.weight"], a["proj_out.weight"].to(dtype))
+    if variant.startswith("sd35"):  # Stability's single file of the export, read back by diffusers' own loader
+        _single_file_loads_bitwise(cls, tmp_path / "out", tmp_path / "sd35.safetensors", a)
+
+
+def _single_file_loads_bitwise(cls, exported, path, want: dict) -> None:
+    """`write_single_file` of a diffusers export, loaded with diffusers' `from_single_file` (its own converter from
+    the original layout; config= the export's folder, so no hub): every tensor equals the export's, dtype too."""
+    from megatron_senseflow.tools.convert_checkpoint import write_single_file
+
+    write_single_file(exported, path, progress=False)
+    got = cls.from_single_file(str(path), config=str(exported), torch_dtype=None).state_dict()
+    for k in want:  # from_single_file builds in fp32 without torch_dtype; compare after the same cast
+        assert torch.equal(got[k], want[k].to(got[k].dtype)), k
+    assert got.keys() == want.keys()
+
+
+@pytest.mark.slow
+def test_flux_single_file_at_flux1_width_loads_bitwise_in_diffusers(tmp_path):
+    """diffusers' FLUX single-file converter fixes the width at 3072 (inner_dim = 3072 splits a single block's
+    linear1), so this model is FLUX.1's width with one block of each kind (0.53 B parameters, bf16, a random bit
+    pattern per tensor): `senseflow export --ckpt <diffusers folder> --single-file` writes BFL's layout, and
+    `FluxTransformer2DModel.from_single_file` reads it back equal to the folder, tensor for tensor."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, joint_attention_dim=64,
+                                       pooled_projection_dim=32, guidance_embeds=True)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # finite bf16 values in (-1, 1), distinct per position, made fast
+        for p in model.parameters():
+            bits = torch.randint(0, 0x3F80, p.shape, generator=g, dtype=torch.int16)
+            p.copy_(bits.view(torch.bfloat16) * torch.where(torch.rand(p.shape, generator=g) < 0.5, -1, 1).bfloat16())
+    model.save_pretrained(tmp_path / "hf")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    out = tmp_path / "flux1-student.safetensors"
+    r = run_py("-m", "megatron_senseflow.cli", "export", "--ckpt", str(tmp_path / "hf"), "--out", str(out),
+               "--single-file", "--no-progress")
+    assert r.returncode == 0 and "single file" in r.stdout, r.stderr[-2000:]
+    with safe_open(str(out), "pt") as f:  # BFL's names, no prefix, fused qkv / linear1
+        keys = set(f.keys())
+        assert f.get_slice("single_blocks.0.linear1.weight").get_shape() == [7 * 3072, 3072]
+    assert {"double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight", "final_layer.adaLN_modulation.1.bias",
+            "double_blocks.0.txt_attn.norm.key_norm.scale"} <= keys
+    got = FluxTransformer2DModel.from_single_file(str(out), config=str(tmp_path / "hf"),
+                                                  torch_dtype=torch.bfloat16).state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    r = run_py("-m", "megatron_senseflow.cli", "export", "--ckpt", str(tmp_path / "hf"), "--out", str(out),
+               "--single-file")
+    assert r.returncode == 2 and "exists; pass --overwrite" in last_line(r.stderr)
 
 
 @pytest.mark.slow
@@ -297,6 +350,19 @@ def test_command_lines(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = load_all(src), load_all(tmp_path / "out")
     assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 and torch.equal(a[k].float(), b[k]) for k in a)
+    # Stability's single file of the trained role (the diffusers export staged beside it, then removed)
+    r = run_py("-m", "megatron_senseflow.cli", "export", "--ckpt", str(step), "--out", str(tmp_path / "sd35.safetensors"),
+               "--single-file", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".*")), "the staged diffusers export was left behind"
+    from diffusers import SD3Transformer2DModel
+
+    got = SD3Transformer2DModel.from_single_file(str(tmp_path / "sd35.safetensors"), config=str(src),
+                                                 torch_dtype=torch.bfloat16).state_dict()
+    assert got.keys() == a.keys() and all(torch.equal(got[k], a[k]) for k in a)
+    r = run_py("-m", "megatron_senseflow.cli", "export", "--ckpt", str(step), "--out", str(tmp_path / "s.bin"),
+               "--single-file")
+    assert r.returncode == 2 and "name the file to write" in last_line(r.stderr)
     r = run_py("-m", "megatron_senseflow.cli", "convert", "import", "--hf", str(src), "--out", str(tmp_path / "x"),
                "--model", "flux")
     assert r.returncode == 2 and "--model flux was given" in last_line(r.stderr)

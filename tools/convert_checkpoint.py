@@ -3,6 +3,7 @@
     senseflow convert import --hf FLUX.1-dev --out ckpt/teacher
     senseflow convert import --hf FLUX.1-dev --out ckpt/student --student
     senseflow export --ckpt RUN --out student-diffusers --base-pipeline FLUX.1-dev   (= senseflow convert export)
+    senseflow export --ckpt RUN --out student.safetensors --single-file --dtype bf16
 
 import: a diffusers transformer directory (or a pipeline directory, whose
 `transformer/` is used) -> a role checkpoint (models/checkpoint_io.py) that
@@ -12,7 +13,10 @@ embedder: SenseFlow's generator and fake score take no guidance scale.
 export: a role checkpoint (or a training step directory holding one per role,
 or a `senseflow train` output directory) -> a diffusers transformer directory
 (config.json, safetensors shards, index), or with `--base-pipeline` a whole
-pipeline directory whose `transformer/` is the exported one.
+pipeline directory whose `transformer/` is the exported one. `--single-file`: one
+safetensors file in the original release's layout (FLUX.1: BFL's flux1-dev.safetensors;
+SD3.x: Stability's), as ComfyUI and Forge load it and diffusers' `from_single_file`
+reads it; `--ckpt` may then also be a diffusers transformer directory.
 
 Tensors are mapped group by group with models/hf_mapping.py and written as
 they are made, so memory stays near one tensor group whatever the model size.
@@ -400,6 +404,56 @@ def export_lora(role_dir: Path, out: str | Path, arch, spec, *, overwrite: bool 
     return out
 
 
+def is_diffusers_dir(path: str | Path) -> bool:
+    """A diffusers transformer or pipeline folder (not a senseflow checkpoint)."""
+    p = Path(path)
+    return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
+
+
+def write_single_file(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                      progress: bool | None = None) -> Path:
+    """A diffusers transformer directory -> one safetensors file in its family's original single-file layout
+    (models/single_file.py), written tensor by tensor: memory stays near the largest fused tensor. Returns `out`."""
+    from megatron_senseflow.models import family_of
+    from megatron_senseflow.models.configs import arch_of_diffusers_dir
+
+    src = find_transformer_dir(src)
+    arch = arch_of_diffusers_dir(src)
+    family = family_of(arch)
+    if family.single_file is None:
+        raise ConversionError(f"--single-file writes FLUX.1's and SD3.x's original layouts; {arch.label} has none "
+                              "here: load its exported diffusers folder (diffusers and ComfyUI read it).")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--out {out}: with --single-file, name the file to write (e.g. student.safetensors).")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} exists; pass --overwrite to replace it.")
+    files = SafetensorsDir(src)
+    try:
+        steps = family.single_file_recipe(files.info)
+    except KeyError as e:
+        raise ConversionError(f"{src}: {e.args[0]}; it is not a complete {arch.diffusers_class}.") from None
+    plan = []
+    for st in steps:
+        infos = [files.info[k] for k in st.sources]
+        if len({i.dtype for i in infos}) > 1:
+            raise ConversionError(f"{listed(st.sources)} in {src} have different dtypes; they are fused into one "
+                                  "tensor, so export with --dtype.")
+        plan.append(PlannedTensor(st.key, st.shape([i.shape for i in infos]), infos[0].dtype))
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = ShardedSafetensorsWriter(partial, plan, max_shard_bytes=1 << 62)  # one shard: the file itself
+    with _progress(sum(t.nbytes for t in plan), "single file", progress) as bar:
+        for st, planned in zip(steps, plan):
+            writer.write(st.key, st.make([files.get(k) for k in st.sources]))
+            bar.update(planned.nbytes)
+    writer.close()
+    fsync_tree(partial)
+    os.replace(partial / writer.names[0], out)  # whole or not at all
+    shutil.rmtree(partial)
+    return out
+
+
 # ---------------------------------------------------------------- command line
 def _add_import_args(p: argparse.ArgumentParser) -> None:
     from megatron_senseflow.models import FAMILIES
@@ -429,6 +483,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--lora", action="store_true", help="a LoRA run's adapters as a diffusers LoRA file "
                      "(--out/pytorch_lora_weights.safetensors, for load_lora_weights)")
     how.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into full weights")
+    p.add_argument("--single-file", action="store_true",
+                   help="one safetensors file (--out FILE.safetensors) in the original release's layout (FLUX.1: BFL's "
+                        "flux1-dev; SD3.x: Stability's), for ComfyUI / Forge / from_single_file; --ckpt may be a "
+                        "diffusers transformer folder")
     p.add_argument("--base", help="with --merge: the base role checkpoint (default: the one the adapters record)")
 
 
@@ -450,17 +508,25 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
         out = import_checkpoint(args.hf, args.out, model=args.model, variant=args.variant, student=args.student,
                                 overwrite=args.overwrite, progress=args.progress)
         what = "role checkpoint"
+    elif args.single_file and is_diffusers_dir(args.ckpt):
+        out = write_single_file(args.ckpt, args.out, overwrite=args.overwrite, progress=args.progress)
+        print(f"{prog}: wrote {out} ({family_label(args.ckpt)} single file) in {time.perf_counter() - start:.1f}s")
+        return 0
     else:
         from megatron_senseflow.checkpoint import resolve_role_dir
 
         role_dir = resolve_role_dir(args.ckpt, args.role)
         step = role_dir.parent.name if role_dir.parent.name.startswith("step_") else "a role checkpoint"
         print(f"{prog}: exporting the {role_dir.name} of {step} ({role_dir})", flush=True)
-        out = export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
-                                max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
-                                overwrite=args.overwrite, progress=args.progress, lora=args.lora, merge=args.merge,
-                                base=args.base)
-        what = "diffusers LoRA" if args.lora else "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
+        if args.single_file:
+            export_single_file(args)
+            what = "single file"
+        else:
+            export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
+                              max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
+                              overwrite=args.overwrite, progress=args.progress, lora=args.lora, merge=args.merge,
+                              base=args.base)
+            what = "diffusers LoRA" if args.lora else "diffusers pipeline" if args.base_pipeline else "diffusers transformer"
         out = Path(args.out)
         hint = sampling_hint(role_dir, args.ckpt)
     print(f"{prog}: wrote {what} {out} in {time.perf_counter() - start:.1f}s")
@@ -474,6 +540,32 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
             print(f"{prog}: the student keeps the teacher's guidance embedder and was trained with guidance {g:g}: "
                   f"call the pipeline with guidance_scale={g:g} (its default is the teacher's)")
     return 0
+
+
+def export_single_file(args: argparse.Namespace) -> Path:
+    """`senseflow export --single-file` of a trained role: the diffusers export into a folder beside --out, then
+    that folder in the original layout (write_single_file); the folder is removed."""
+    if args.lora or args.base_pipeline:
+        raise ConversionError("--single-file writes full weights: for a LoRA run add --merge (a LoRA file for ComfyUI "
+                              "is --lora: ComfyUI reads diffusers' LoRA layout), and leave out --base-pipeline.")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--out {out}: with --single-file, name the file to write (e.g. student.safetensors).")
+    if out.exists() and not args.overwrite:
+        raise ConversionError(f"{out} exists; pass --overwrite to replace it.")
+    staging = out.parent / f".{out.name}.diffusers"
+    export_checkpoint(args.ckpt, staging, role=args.role, dtype=args.dtype, overwrite=True, progress=args.progress,
+                      merge=args.merge, base=args.base)
+    try:
+        return write_single_file(staging, out, overwrite=args.overwrite, progress=args.progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def family_label(path) -> str:
+    from megatron_senseflow.models.configs import arch_of_diffusers_dir
+
+    return arch_of_diffusers_dir(find_transformer_dir(path)).label
 
 
 def trained_guidance(arch, ckpt) -> float | None:

@@ -155,5 +155,13 @@ class Flux1Family(Family):
 
         return KLCodec.from_pretrained(vae_dir, dtype, device)
 
+    # ------------------------------------------------------------------ export
+    single_file = "Black Forest Labs' flux1-dev.safetensors layout"
+
+    def single_file_recipe(self, keys):
+        from .single_file import recipe
+
+        return recipe(keys)
+
 
 FAMILY = Flux1Family()

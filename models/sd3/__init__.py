@@ -155,6 +155,13 @@ class SD3Family(Family):
         return KLCodec.from_pretrained(vae_dir, dtype, device)
 
     # ------------------------------------------------------------------ export
+    single_file = "Stability AI's single-file layout (sd3.5_large.safetensors: model.diffusion_model.*)"
+
+    def single_file_recipe(self, keys):
+        from .single_file import recipe
+
+        return recipe(keys)
+
     def sampling_call(self, arch, anchors_unshifted):
         # StableDiffusion3Pipeline's default 4 steps are linspace(1000, 1, 4) shifted ([1, 0.858, 0.602, 0.009]),
         # and no scheduler config gives linspace(1, 1/K, K) while the timestep stays 1000 sigma: pass the sigmas
