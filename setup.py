@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "torchmetrics>=1.4",
     "matplotlib>=3.8",  # the ablation figure (senseflow demo --ablate)
+    "ftfy>=6.1",  # HPSv2 cleans prompts as open_clip does (image_rewards.py)
 ]
 
 SUBPACKAGES = ("models", "data", "tools", "slurm")

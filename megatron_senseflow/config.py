@@ -405,6 +405,14 @@ class EvalConfig:
     pickscore: str | None = None
     """Local PickScore_v1 directory (transformers CLIP format with its processor files): adds PickScore
     (eval/pickscore_*), computed as `senseflow eval` does."""
+    hpsv2: str | None = None
+    """Local HPS_v2.1_compressed.pt: adds HPSv2.1 (eval/hpsv2_*), with `hpsv2_clip` (image_rewards.py)."""
+    hpsv2_clip: str | None = None
+    """Local ViT-H-14 transformers folder whose config and tokenizer HPSv2 uses (the PickScore_v1 folder works)."""
+    imagereward: str | None = None
+    """Local folder with ImageReward.pt, med_config.json and vocab.txt: adds ImageReward (eval/imagereward_*)."""
+    aesthetic: str | None = None
+    """Local sac+logos+ava1-l14-linearMSE.pth: adds the LAION aesthetic score (eval/aesthetic_*) on `clip`."""
 
 
 @dataclass(kw_only=True)
@@ -451,11 +459,20 @@ class Config:
                               "(for example clean-fid's inception-2015-12-05.pt) as eval.features=PATH.")
         if self.eval.every and self.eval.num_samples < 2:
             raise ConfigError("eval.num_samples must be at least 2 for a Frechet distance.")
-        for key in ("clip", "pickscore"):
+        for key in ("clip", "pickscore", "hpsv2_clip", "imagereward"):
             where = getattr(self.eval, key)
             if self.eval.every and where is not None and not Path(where).is_dir():
-                raise ConfigError(f"eval.{key}={where} is not a directory; give a local transformers CLIP directory "
-                                  "(no model hub is contacted).")
+                raise ConfigError(f"eval.{key}={where} is not a directory; give a local folder (no model hub is "
+                                  "contacted).")
+        for key in ("hpsv2", "aesthetic"):
+            where = getattr(self.eval, key)
+            if self.eval.every and where is not None and not Path(where).is_file():
+                raise ConfigError(f"eval.{key}={where} is not a file; give the local weights file.")
+        if self.eval.every and (self.eval.hpsv2 is None) != (self.eval.hpsv2_clip is None):
+            raise ConfigError("eval.hpsv2 and eval.hpsv2_clip go together (the HPS weights and the ViT-H-14 folder "
+                              "for its config and tokenizer).")
+        if self.eval.every and self.eval.aesthetic is not None and self.eval.clip is None:
+            raise ConfigError("eval.aesthetic scores CLIP ViT-L/14 image embeddings: set eval.clip too.")
         p = self.parallel
         try:
             arch.check_layout(p.tp, p.pp, p.cp, world_size)

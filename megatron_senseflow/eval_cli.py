@@ -16,6 +16,9 @@
   CLIPModel + processor directory) on each image and its prompt
   (`--prompts`: one line per image in file-name order, as `senseflow sample` writes
   `prompts.txt`, or a line per prompt index `NNNNN_KK.png`).
+- PickScore (`--pickscore`), HPSv2.1 (`--hps` with `--hps-clip`), ImageReward (`--imagereward`) and the LAION
+  aesthetic predictor v2 (`--aesthetic`, on `--clip`): the paper's learned scores, each as its reference code
+  computes it (megatron_senseflow/image_rewards.py), from local files.
 Images are read in sorted file-name order; PNG/JPEG/WebP.
 """
 from __future__ import annotations
@@ -210,14 +213,49 @@ def prompts_for(images: list[Path], prompts_file: str) -> list[str]:
         ) from None
 
 
+METRICS = ("fid", "patch_fid", "clip", "pickscore", "hpsv2", "imagereward", "aesthetic")
+
+
+def learned_scorer(metric: str, hps=None, hps_clip=None, imagereward=None, aesthetic=None, clip=None):
+    """The scorer of one of the learned scores (image_rewards.py), or a sentence naming what it needs."""
+    from .config import ConfigError
+    from .image_rewards import AestheticV2, HPSv2, ImageReward, ScoreError
+
+    try:
+        if metric == "hpsv2":
+            if not hps or not hps_clip:
+                raise ConfigError("HPSv2 needs --hps (HPS_v2.1_compressed.pt) and --hps-clip (a ViT-H-14 transformers "
+                                  "folder for its config and tokenizer).")
+            return HPSv2(hps, hps_clip)
+        if metric == "imagereward":
+            if not imagereward:
+                raise ConfigError("ImageReward needs --imagereward (a folder with ImageReward.pt, med_config.json and "
+                                  "vocab.txt).")
+            return ImageReward(imagereward)
+        if not aesthetic or not clip:
+            raise ConfigError("the aesthetic score needs --aesthetic (sac+logos+ava1-l14-linearMSE.pth) and --clip "
+                              "(CLIP ViT-L/14).")
+        return AestheticV2(aesthetic, clip)
+    except ScoreError as e:
+        raise ConfigError(str(e)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of generated images")
     p.add_argument("--reference", help="folder of reference images (real images for FID, teacher samples for FID-T)")
     p.add_argument("--inception", help="local TorchScript Inception (inception-2015-12-05.pt) for FID / patch FID")
     p.add_argument("--clip", help="local transformers CLIP directory for CLIP score")
     p.add_argument("--pickscore", help="local PickScore_v1 directory (transformers CLIP format, with its processor files)")
-    p.add_argument("--prompts", help="prompts of the generated images (for CLIP score)")
-    p.add_argument("--metrics", default="fid,patch_fid,clip", help="comma list of fid, patch_fid, clip, pickscore")
+    p.add_argument("--hps", metavar="FILE", help="local HPS_v2.1_compressed.pt (HPSv2.1; with --hps-clip)")
+    p.add_argument("--hps-clip", metavar="DIR", help="local ViT-H-14 transformers folder for --hps: its config and "
+                   "tokenizer (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, or the PickScore_v1 folder)")
+    p.add_argument("--imagereward", metavar="DIR", help="folder with ImageReward.pt, med_config.json and "
+                   "bert-base-uncased's vocab.txt")
+    p.add_argument("--aesthetic", metavar="FILE", help="local sac+logos+ava1-l14-linearMSE.pth (LAION aesthetic "
+                   "predictor v2; on the --clip ViT-L/14)")
+    p.add_argument("--prompts", help="prompts of the generated images (for CLIP score and the learned scores)")
+    p.add_argument("--metrics", default="fid,patch_fid,clip",
+                   help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--patches-per-image", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", help="write the results as JSON here (with --select-captions: the prompts file)")
@@ -239,9 +277,9 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
         print(f"wrote {len(lines)} prompts to {args.out}")
         return 0
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = sorted(set(wanted) - {"fid", "patch_fid", "clip", "pickscore"})
+    unknown = sorted(set(wanted) - set(METRICS))
     if unknown:
-        raise ConfigError(f"--metrics {unknown} unknown; choose from fid, patch_fid, clip, pickscore.")
+        raise ConfigError(f"--metrics {unknown} unknown; choose from {', '.join(METRICS)}.")
     try:
         images = list_images(args.images)
         results: dict[str, float] = {"num_images": len(images)}
@@ -277,6 +315,16 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
             if not args.pickscore or not args.prompts:
                 raise ConfigError("PickScore needs --pickscore (a local PickScore_v1 directory) and --prompts.")
             results["pickscore"] = pick_score(args.pickscore, images, prompts_for(images, args.prompts), min(args.batch, 16))
+        for metric in ("hpsv2", "imagereward", "aesthetic"):
+            if metric not in wanted:
+                continue
+            scorer = learned_scorer(metric, args.hps, args.hps_clip, args.imagereward, args.aesthetic, args.clip)
+            if metric != "aesthetic" and not args.prompts:
+                raise ConfigError(f"{metric} scores each image against its prompt: pass --prompts.")
+            prompts = prompts_for(images, args.prompts) if args.prompts else [None] * len(images)
+            step = min(args.batch, 16)
+            results[metric] = float(torch.cat([scorer.scores(images[i : i + step], prompts[i : i + step])
+                                               for i in range(0, len(images), step)]).double().mean())
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise

@@ -92,6 +92,18 @@ class InLoopEval:
 
             model, proc = load_clip(where)
             self.scorers[metric] = (model.to(t.dev), proc)
+        self.learned = {}  # metric -> an image_rewards scorer: HPSv2.1, ImageReward, the aesthetic score
+        for metric, where in (("hpsv2", c.hpsv2), ("imagereward", c.imagereward), ("aesthetic", c.aesthetic)):
+            if where is None:
+                continue
+            if metric != "aesthetic" and any(row["prompt"] is None for row in self.rows):
+                from .config import ConfigError
+
+                raise ConfigError(f"eval.{metric} scores samples against their captions, but the data has none.")
+            from .eval_cli import learned_scorer
+
+            self.learned[metric] = learned_scorer(metric, c.hpsv2, c.hpsv2_clip, c.imagereward, c.aesthetic,
+                                                  c.clip).to(t.dev)
         dp, r = t.env.dp, t.env.dp_rank
         self.mine = list(range(r, self.n, dp))
         self.per_rank = -(-self.n // dp)  # every replica runs as many samples (collectives inside TP/PP groups)
@@ -144,6 +156,8 @@ class InLoopEval:
         out = {"features": self._features(image)[0]}
         for metric, (model, proc) in self.scorers.items():
             out[metric] = float(clip_cosines(model, proc, [to_uint8(image)[0].cpu()], [prompt], 1, load=None)[0])
+        for metric, scorer in self.learned.items():  # the decoded sample as the PNG `senseflow sample` writes
+            out[metric] = float(scorer.scores([to_uint8(image)[0].cpu()], [prompt])[0])
         return out
 
     def _metrics(self, mine: dict[int, dict], suffix: str) -> dict[str, float]:
@@ -163,6 +177,8 @@ class InLoopEval:
         for metric, (model, _) in self.scorers.items():
             cosines = torch.tensor([r[metric] for r in rows], dtype=torch.float64)
             logs[f"{metric}_{suffix}"] = score_of[metric](model, cosines)
+        for metric in self.learned:
+            logs[f"{metric}_{suffix}"] = float(np.mean([r[metric] for r in rows]))
         return logs
 
     def run(self) -> dict[str, float]:

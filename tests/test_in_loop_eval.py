@@ -1,6 +1,8 @@
-"""In-loop evaluation (eval.every): the same numbers at DP1 and DP2, CLIP score and PickScore by hand, and losses
-untouched by it."""
+"""In-loop evaluation (eval.every): the same numbers at DP1 and DP2, CLIP score, PickScore, HPSv2.1, ImageReward and
+the aesthetic score by hand, and losses untouched by it."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -43,6 +45,20 @@ def scorers(tmp_path_factory):
     return root / "clip", root / "pick"
 
 
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, scorers):
+    """Stand-ins of HPSv2.1, ImageReward and the aesthetic head (tests/reward_standins.py), as eval.* overrides."""
+    from tests.reward_standins import aesthetic_standin, hps_standin, imagereward_standin
+
+    root = tmp_path_factory.mktemp("learned")
+    hps, hps_clip = hps_standin(root)
+    files = dict(hps=hps, hps_clip=hps_clip, imagereward=imagereward_standin(root),
+                 aesthetic=aesthetic_standin(root, scorers[0]))
+    overrides = [f"eval.hpsv2={hps}", f"eval.hpsv2_clip={hps_clip}", f"eval.imagereward={files['imagereward']}",
+                 f"eval.aesthetic={files['aesthetic']}"]
+    return files, overrides
+
+
 def _eval_at_start(env, overrides):
     from megatron_senseflow.config import load_config
     from megatron_senseflow.trainer import Trainer
@@ -67,14 +83,14 @@ def _eval_recording(env, overrides):
     return tr.evaluator.run(), seen
 
 
-def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, scorers, tmp_path):
+def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, scorers, learned, tmp_path):
     teacher, feats = setup
     clip, pick = scorers
     base = [f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=5", f"eval.features={feats}",
-            "roles.generator.ema_decay=0.9", f"eval.clip={clip}", f"eval.pickscore={pick}"]
+            "roles.generator.ema_decay=0.9", f"eval.clip={clip}", f"eval.pickscore={pick}", *learned[1]]
     one = run_distributed(_eval_at_start, 1, base + [f"train.output_dir={tmp_path / 'dp1'}"])[0]
     two = run_distributed(_eval_at_start, 2, base + [f"train.output_dir={tmp_path / 'dp2'}"])[0]
-    assert set(one) == {f"eval/{ema}{metric}_{mode}" for ema in ("", "ema_") for metric in ("fd", "clip", "pickscore")
+    assert set(one) == {f"eval/{ema}{metric}_{mode}" for ema in ("", "ema_") for metric in ("fd", "clip", "pickscore", "hpsv2", "imagereward", "aesthetic")
                         for mode in ("stochastic", "euler")}
     assert all(np.isfinite(v) for v in one.values())
     for k in one:  # 5 samples over 2 replicas (3 + 2, one padded): gathered in sample order
@@ -83,16 +99,21 @@ def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, scorers, tmp_pa
     assert len(list((tmp_path / "dp1" / "eval").glob("reference-*.npy"))) == 1
 
 
-def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_their_captions(setup, scorers, tmp_path):
+def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_their_captions(setup, scorers, learned,
+                                                                                            tmp_path):
     """By hand, with the models themselves: CLIPScore = mean 100 max(cos, 0); PickScore = logit_scale.exp() x mean
-    cos (87 here), each sample against its own caption, over the 4 samples of one sampler."""
-    from transformers import CLIPModel, CLIPProcessor
+    cos (87 here), each sample against its own caption, over the 4 samples of one sampler; HPSv2.1, ImageReward and
+    the aesthetic score: the mean of their references (tests/test_image_rewards.py) on each sample saved as a PNG."""
+    from PIL import Image
+    from transformers import BertTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from tests.test_image_rewards import aesthetic_reference, hps_reference, imagereward_reference
 
     teacher, feats = setup
     clip, pick = scorers
     logs, seen = run_distributed(_eval_recording, 1, [
         f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=4", f"eval.features={feats}",
-        f"eval.clip={clip}", f"eval.pickscore={pick}", f"train.output_dir={tmp_path}"])[0]
+        f"eval.clip={clip}", f"eval.pickscore={pick}", f"train.output_dir={tmp_path}", *learned[1]])[0]
     assert [p for _, p in seen] == [f"synthetic sample {i}" for i in range(4)] * 2  # stochastic, then Euler
 
     def cosines(directory, samples):
@@ -111,6 +132,27 @@ def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_the
         samples = seen[4 * k: 4 * k + 4]
         assert logs[f"eval/clip_{mode}"] == pytest.approx(np.mean(100 * np.maximum(cosines(clip, samples), 0)), rel=1e-5)
         assert logs[f"eval/pickscore_{mode}"] == pytest.approx(87.0 * np.mean(cosines(pick, samples)), rel=1e-5)
+
+    files = learned[0]
+    hps_sd = torch.load(files["hps"], weights_only=True)["state_dict"]
+    ir_sd = torch.load(files["imagereward"] / "ImageReward.pt", weights_only=True)
+    med = json.loads((files["imagereward"] / "med_config.json").read_text())
+    ir_tok = BertTokenizer(str(files["imagereward"] / "vocab.txt"))
+    ir_tok.add_special_tokens({"bos_token": "[DEC]"})
+    ir_tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    head = torch.load(files["aesthetic"], weights_only=True)
+    for k, mode in enumerate(("stochastic", "euler")):
+        want = {"hpsv2": [], "imagereward": [], "aesthetic": []}
+        for j, (image, prompt) in enumerate(seen[4 * k: 4 * k + 4]):
+            png = tmp_path / f"{mode}{j}.png"
+            pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(png)
+            with torch.no_grad():
+                want["hpsv2"].append(hps_reference(hps_sd, CLIPTokenizer.from_pretrained(files["hps_clip"]), png, prompt))
+                want["imagereward"].append(imagereward_reference(ir_sd, med, ir_tok, png, prompt))
+                want["aesthetic"].append(aesthetic_reference(head, clip, png))
+        for metric, values in want.items():
+            assert logs[f"eval/{metric}_{mode}"] == pytest.approx(np.mean(values), abs=1e-5), metric
 
 
 def test_enabling_it_leaves_the_losses_bit_identical(setup, tmp_path):
