@@ -181,7 +181,10 @@ def encode_shards(
     jobdir.check()
     encode_one = _ShardEncoder(s, text, latent, spec, out, batch_size)
     report = bad.BadDataLog(log)
-    for j in range(rank, len(names), world):
+    from ..progress import bar
+
+    mine = range(rank, len(names), world)
+    for j in bar(iterable=mine, total=len(mine), desc="encode", unit="shard", main=rank == 0):
         if not jobdir.done(j):
             record = {**encode_one(source.urls[j], names[j]), "rank": rank}
             jobdir.record(j, record)

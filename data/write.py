@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tqdm import tqdm
-
 from . import bad
 from .imageops import AbsurdImageSize, Buckets, encode_jpeg, load_rgb, open_image, resize_center_crop
 from .shards import JobDir, ShardSink, fingerprint
@@ -94,7 +92,9 @@ def make_plan(source, s: WriteSettings, workers: int) -> Plan:
     seen: set[str] = set()
     scanned = no_score = 0
     _WORKER["source"] = source
-    for scan in tqdm(_map(_scan_unit, units, workers), total=len(units), desc="scan", unit="unit", disable=None):
+    from ..progress import bar
+
+    for scan in bar(total=len(units), desc="scan", unit="unit", iterable=_map(_scan_unit, units, workers)):
         scanned += len(scan.items) + sum(p.count for p in scan.problems)
         problems.extend(scan.problems)
         for item in scan.items:
@@ -227,7 +227,9 @@ def write_shards(s: WriteSettings, out: str | Path, workers: int = 1) -> dict[st
         plan.stats["inputs"], plan.stats["planned"], len(plan.jobs), len(plan.jobs) - len(pending),
     )
     _WORKER.update(source=source, settings=s, out=out)
-    bar = tqdm(total=sum(len(items) for _, items in pending), desc="write", unit="img", disable=None)
+    from ..progress import bar as progress_bar
+
+    bar = progress_bar(total=sum(len(items) for _, items in pending), desc="write", unit="img")
     for record in _map(_run_job_in_worker, pending, workers, ordered=False):
         jobdir.record(record["job"], record)
         for p in record["problems"]:

@@ -36,6 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verb_parser(verb: str):
+    """(module, argument parser) of one verb; every verb takes --no-progress (progress.py)."""
+    module = importlib.import_module(VERBS[verb][0])
+    sub = argparse.ArgumentParser(prog=f"senseflow {verb}", description=VERBS[verb][1])
+    if hasattr(module, "add_arguments_for"):
+        module.add_arguments_for(verb, sub)
+    else:
+        module.add_arguments(sub)
+    if "--no-progress" not in sub._option_string_actions:
+        sub.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                         help="no progress bars (they are drawn on a terminal only)")
+    return module, sub
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -50,13 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     from .train_cli import process_start
 
     process_start()
-    module = importlib.import_module(VERBS[verb][0])
-    sub = argparse.ArgumentParser(prog=f"senseflow {verb}", description=VERBS[verb][1])
-    if hasattr(module, "add_arguments_for"):
-        module.add_arguments_for(verb, sub)
-    else:
-        module.add_arguments(sub)
+    module, sub = verb_parser(verb)
     args = sub.parse_args(rest)
+    from .progress import set_enabled
+
+    set_enabled(getattr(args, "progress", None))
     run = getattr(module, "run_for", None)
     from .errors import USER_ERROR, UserError
 

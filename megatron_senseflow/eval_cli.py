@@ -97,11 +97,14 @@ def fid(feature: nn.Module, generated: list[Path], reference: list[Path], batch:
         patches: int = 0, patch_size: int = 299, seed: int = 0) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    from .progress import bar
+
     metric = FrechetInceptionDistance(feature=feature, normalize=False)
     g = torch.Generator().manual_seed(seed)
     for files, real in ((reference, True), (generated, False)):
         pending: list[torch.Tensor] = []
-        for f in files:
+        what = ("patch FID" if patches else "FID") + (" reference" if real else " images")
+        for f in bar(iterable=files, total=len(files), desc=what, unit="img"):
             img = load_uint8(f)
             if patches:
                 pending.extend(random_patches(img, patch_size, patches, g))
@@ -158,9 +161,12 @@ def select_captions(clip_dir: str, images: list[Path], annotations: str) -> list
 def clip_cosines(model, proc, images: list, prompts: list[str], batch: int, load=load_uint8) -> torch.Tensor:
     """cos(image embedding, its prompt's embedding) per image, through a transformers CLIP on its own device.
     `images` are files (read by `load`, a batch at a time) or, with `load=None`, uint8 [3, H, W] tensors."""
+    from .progress import bar
+
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(images), batch):
+    starts = range(0, len(images), batch)
+    for i in bar(iterable=starts, total=len(starts), desc="CLIP", unit="batch", enabled=False if load is None else None):
         imgs = [load(p) if load is not None else p for p in images[i : i + batch]]
         inputs = proc(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True, truncation=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -322,9 +328,13 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
             if metric != "aesthetic" and not args.prompts:
                 raise ConfigError(f"{metric} scores each image against its prompt: pass --prompts.")
             prompts = prompts_for(images, args.prompts) if args.prompts else [None] * len(images)
+            from .progress import bar
+
             step = min(args.batch, 16)
+            starts = range(0, len(images), step)
             results[metric] = float(torch.cat([scorer.scores(images[i : i + step], prompts[i : i + step])
-                                               for i in range(0, len(images), step)]).double().mean())
+                                               for i in bar(iterable=starts, total=len(starts), desc=metric,
+                                                            unit="batch")]).double().mean())
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise

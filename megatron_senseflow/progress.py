@@ -35,3 +35,11 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", *, main: boo
     else:
         disable = False if enabled else None  # None: tqdm draws only when stderr is a terminal
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def write(line: str) -> None:
+    """A log line that does not tear a bar on the terminal (tqdm.write), flushed for whoever tails the log."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()

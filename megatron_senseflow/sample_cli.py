@@ -94,9 +94,7 @@ def load_model(args, tp: int, pp: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from . import flow
+    from . import flow, progress
     from .config import ConfigError, ParallelConfig
     from .distributed import destroy_distributed, init_distributed
     from .roles import Role
@@ -130,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
         jobs = [(i, k) for i in range(len(prompts)) for k in range(args.per_prompt)]
         gen = torch.Generator().manual_seed(args.seed)
-        bar = tqdm(total=len(jobs), desc="sample", unit="img", disable=not env.is_main)
+        bar = progress.bar(total=len(jobs), desc="sample", unit="img", main=env.is_main)
         for start in range(0, len(jobs), args.batch):
             chunk = jobs[start : start + args.batch]
             c, p = (t.to(env.device) for t in text.encode([prompts[i] for i, _ in chunk]))

@@ -150,14 +150,21 @@ class Trainer:
         minutes to build and load)."""
         import contextlib
 
+        from . import progress
+
         @contextlib.contextmanager
         def phase():
             t0 = time.time()
+            if getattr(self, "_startup", None) is None:  # one bar over the start-up's phases (a terminal only)
+                self._startup = progress.bar(desc="start-up", unit="phase", main=self.env.is_main,
+                                             bar_format="{desc}: {n} phases done [{elapsed}] {postfix}")
+            self._startup.set_postfix_str(what[:70])
             if self.env.is_main:
-                print(f"[senseflow] {what} ...", flush=True)
+                progress.write(f"[senseflow] {what} ...")
             yield
+            self._startup.update(1)
             if self.env.is_main:
-                print(f"[senseflow]   done in {time.time() - t0:.1f} s", flush=True)
+                progress.write(f"[senseflow]   done in {time.time() - t0:.1f} s")
 
         return phase()
 
@@ -264,6 +271,9 @@ class Trainer:
     def run(self) -> int:
         c = self.cfg
         resumed = self._maybe_resume()
+        if getattr(self, "_startup", None) is not None:
+            self._startup.close()
+            self._startup = None
         self.monitor = Monitor(self.out, self.env.is_main, c.logging.tensorboard, resume_step=self.step,
                                max_steps=c.train.max_steps)
         if self.env.is_main:

@@ -29,7 +29,6 @@ import dataclasses
 import importlib.metadata
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -65,10 +64,9 @@ def ensure_parallel_state() -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm import tqdm
+    from megatron_senseflow.progress import bar
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=(not enabled) if enabled is not None else None, file=sys.stderr)
+    return bar(total=total, desc=desc, unit="B", enabled=enabled, unit_scale=True, unit_divisor=1024)
 
 
 def _check_keys(where: str, missing, unexpected, fix: str) -> None:
