@@ -1,5 +1,5 @@
 """Shared fixtures (`slurm_cluster`: one real single-node Slurm for the whole session) and how `make test` shares
-the tests out over its two processes (pytest-xdist, `--dist loadgroup`).
+the tests out over its two processes (pytest-xdist, `--dist loadscope`).
 """
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
 
 # `make test` runs the suite in two pytest-xdist workers, one module per worker at a time (`--dist loadscope`), so
 # that a module's fixtures (a trained demo teacher, a converted checkpoint, a reference run) are built once. Modules
-# are handed out in the order below (`--no-loadscope-reorder`): the ALONE ones first, then the longest, so that both
-# workers end at about the same time (the rest take about 1 s per test).
-# ALONE: modules that run with the other worker held back. The two-node Slurm jobs hung (both slurmd stopped
+# are handed out in this order (`--no-loadscope-reorder`): the ALONE ones first, beside them the LIGHT ones, then
+# the other (slow) modules longest first, so that both workers end at about the same time.
+# ALONE: modules that run with every slow module held back. The two-node Slurm jobs hung (both slurmd stopped
 # answering, the job never finished) in 2 of 5 full runs while other multi-rank tests ran beside them, and never
-# when run alone.
+# when run alone. LIGHT: modules without a slow test (no process group, no subprocess of ours, one thread): they
+# run beside an ALONE module, on the worker it would otherwise leave idle.
 ALONE = ("test_slurm_two_nodes",)
-LONGEST_FIRST = (*ALONE, "test_checkpoint_faults", "test_demo", "test_walkthrough", "test_resume", "test_slurm_cluster",
-                 "test_recipes_run", "test_run_endings", "test_convert_verify", "test_cli_errors", "test_trainer",
-                 "test_lora")
+LONGEST_FIRST = (*ALONE, "test_checkpoint_faults", "test_demo", "test_walkthrough", "test_walkthrough_qwen",
+                 "test_resume", "test_run_endings", "test_convert_verify", "test_recipes_run", "test_slurm_cluster",
+                 "test_cli_errors", "test_offload", "test_trainer", "test_lora", "test_in_loop_eval", "test_convert",
+                 "test_sid", "test_recipe_fidelity", "test_family_move", "test_model_parity", "test_new_families")
+LIGHT: set[str] = set()  # filled at collection: the modules none of whose tests is marked slow
 
 
 def pytest_configure(config):
@@ -41,8 +44,14 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first (see LONGEST_FIRST); every test runs either way, in file order inside a module."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    """ALONE, then LIGHT, then the slow modules longest first; every test runs either way, in file order inside a
+    module."""
+    modules = {_module_name(item) for item in items}
+    slow = {_module_name(item) for item in items if item.get_closest_marker("slow")}
+    LIGHT.clear()
+    LIGHT.update(modules - slow - set(ALONE))
+    order = [*ALONE, *sorted(LIGHT), *(m for m in LONGEST_FIRST if m not in ALONE)]
+    rank = {name: i for i, name in enumerate(order)}
     items.sort(key=lambda item: rank.get(_module_name(item), len(rank)))
 
 
@@ -92,6 +101,9 @@ def pytest_runtest_protocol(item, nextitem):
         return
     if _ROOM is None:
         _ROOM = _Room(uid)
+    if _module_name(item) in LIGHT:  # runs beside anything, an ALONE module included
+        yield
+        return
     alone = _module_name(item) in ALONE
     _ROOM.enter(alone)
     try:

@@ -33,15 +33,35 @@ def two_nodes():
     yield from running_cluster(TwoNodeCluster(), "two-node Slurm tests")
 
 
-def _equals_uninterrupted(out: Path, ref: Path, overrides: list[str], steps: int) -> None:
-    """Every loss term of every step equals a DP=2 run of the same config that was never interrupted."""
+REFERENCE_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from tests.trainer_helpers import make_teacher
+
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, tmp_path_factory) -> dict[int, dict]:
+    """The losses of a DP=2 run of the tiny recipe that was never interrupted, 30 steps: both drills compare with
+    its first steps (its learning rate is constant after warm-up and the checkpoint interval changes no loss, so
+    a run of any length or interval has these losses at its steps)."""
     from tests.trainer_helpers import train_inprocess
 
-    train_inprocess(2, overrides + [f"train.output_dir={ref}"])
-    got, want = _trainer_rows(out), _trainer_rows(ref)
+    out = tmp_path_factory.mktemp("reference")
+    train_inprocess(2, [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={REFERENCE_STEPS}",
+                        "logging.log_every=1", f"train.output_dir={out}"])
+    return _trainer_rows(out)
+
+
+def _equals_uninterrupted(out: Path, reference: dict[int, dict], steps: int) -> None:
+    """Every loss term of every step equals the DP=2 run that was never interrupted."""
+    got = _trainer_rows(out)
     assert sorted(got) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
-        assert got[step] == want[step], step
+        assert got[step] == reference[step], step
 
 
 def _launch2(cluster, monkeypatch, capsys, out: Path, program: str | None, *extra: str) -> str:
@@ -74,12 +94,10 @@ def test_rendezvous_across_nodes_by_node_address_despite_a_polluted_environment(
     assert f"rendezvous {two_nodes.addr('n1')}" in (out / "logs" / f"slurm-{job}.out").read_text()
 
 
-def test_senseflow_train_on_two_nodes_preempted_requeued_equals_uninterrupted(two_nodes, tmp_path, capsys, monkeypatch):
+def test_senseflow_train_on_two_nodes_preempted_requeued_equals_uninterrupted(two_nodes, teacher, reference, tmp_path,
+                                                                              capsys, monkeypatch):
     """The tiny recipe through the real trainer: DP=2 over n1 and n2, USR1 partway, requeue, resume, same losses."""
-    from tests.trainer_helpers import make_teacher
-
-    teacher = make_teacher(tmp_path / "teacher")
-    steps = 30  # leaves the signal seconds to arrive before the run ends, even on a loaded machine
+    steps = REFERENCE_STEPS  # leaves the signal seconds to arrive before the run ends, even on a loaded machine
     overrides = [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={steps}", "checkpoint.every=10",
                  "logging.log_every=1"]
     out = tmp_path / "run"
@@ -99,7 +117,7 @@ def test_senseflow_train_on_two_nodes_preempted_requeued_equals_uninterrupted(tw
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
-    _equals_uninterrupted(out, tmp_path / "reference", overrides, steps)
+    _equals_uninterrupted(out, reference, steps)
 
 
 def _wait_for(what: str, cond, timeout: float, explain) -> float:
@@ -110,13 +128,11 @@ def _wait_for(what: str, cond, timeout: float, explain) -> float:
     return time.monotonic()
 
 
-def test_lost_node_requeues_and_resumes_from_the_last_checkpoint(two_nodes, tmp_path, capsys, monkeypatch):
+def test_lost_node_requeues_and_resumes_from_the_last_checkpoint(two_nodes, teacher, reference, tmp_path, capsys,
+                                                                 monkeypatch):
     """Node-loss drill: SIGKILL to everything on n2 (its slurmd, slurmstepd and rank) mid-run. The rank on n1
     aborts, the job script requeues because the run published checkpoints since it started, the node comes
     back, the job resumes from the last checkpoint and ends with the uninterrupted run's losses."""
-    from tests.trainer_helpers import make_teacher
-
-    teacher = make_teacher(tmp_path / "teacher")
     steps = 16
     overrides = [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={steps}", "checkpoint.every=4",
                  "logging.log_every=1"]
@@ -160,4 +176,4 @@ def test_lost_node_requeues_and_resumes_from_the_last_checkpoint(two_nodes, tmp_
     (out / "node-loss-timeline.json").write_text(json.dumps(timeline))
     print(f"\nnode-loss drill (seconds after the kill): {timeline}; resumed from {saved}")
 
-    _equals_uninterrupted(out, tmp_path / "reference", overrides, steps)
+    _equals_uninterrupted(out, reference, steps)
