@@ -396,6 +396,9 @@ class EvalConfig:
     num_samples: Count = 64
     """The first N samples of the data stream (the same whatever the data-parallel layout) are the evaluation
     set: their conditioning is sampled, their real latents, decoded, are the reference."""
+    batch: Count = 8
+    """Samples per forward. Sample i is always in batch i // batch, at any data-parallel size (replicas take
+    whole batches in turn), so the numbers do not depend on the layout."""
     features: str | None = None
     """TorchScript feature network for the Frechet distance: uint8 images [N, 3, H, W] in, features [N, D] out
     (clean-fid's inception-2015-12-05.pt, or the demo's digit network)."""
@@ -457,6 +460,9 @@ class Config:
         if self.eval.every and not self.eval.features:
             raise ConfigError("eval.every is set but eval.features is not: give a TorchScript feature network "
                               "(for example clean-fid's inception-2015-12-05.pt) as eval.features=PATH.")
+        if self.eval.every and self.parallel.pp > 1 and self.eval.batch % self.parallel.num_microbatches:
+            raise ConfigError(f"eval.batch={self.eval.batch} must be a multiple of parallel.num_microbatches="
+                              f"{self.parallel.num_microbatches}: the pipeline splits each evaluation batch into them.")
         if self.eval.every and self.eval.num_samples < 2:
             raise ConfigError("eval.num_samples must be at least 2 for a Frechet distance.")
         for key in ("clip", "pickscore", "hpsv2_clip", "imagereward"):

@@ -49,6 +49,7 @@ TEACHER = {  # FLUX.1 architecture fields (models/flux/arch.py), small
     "joint_attention_dim": 64, "pooled_projection_dim": 64, "guidance_embeds": False, "axes_dims_rope": [4, 6, 6],
 }
 TEACHER_TRAIN = {"steps": 1500, "batch": 64, "lr": 2e-3, "cfg_drop": 0.1, "seed": 0}
+DEMO_EVAL_SAMPLES = 32  # the demo run's in-loop evaluation: 32 fixed samples, 5 times (two batches of 16 a sampler)
 
 
 # --------------------------------------------------------------------------- text and pixels
@@ -539,7 +540,8 @@ def ablate(args, teacher: Path, text: DigitsText, data: Path, out: Path, log) ->
             recipe = _merge(demo_recipe(teacher, data, run_dir, args.steps, 1, args.cfg, ttur=2, ema_decay=0.0),
                             ABLATIONS[name])
             recipe["train"]["seed"] += extra_seed  # the first seed is the demo's own
-            recipe["eval"] = {"every": every, "num_samples": args.eval_samples or 128, "features": str(feats)}
+            recipe["eval"] = {"every": every, "num_samples": args.eval_samples or 128, "batch": 32,
+                              "features": str(feats)}
             recipe["logging"]["image_every"] = 0
             path = out / "ablation" / f"{tag}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -600,8 +602,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="runs of each ablation variant with train.seed 1, 2, ...: the table gives mean ± sd")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help="fixed samples of the in-loop evaluation: the demo run evaluates them 5 times (off unless "
-                        "given; 32 draws TensorBoard's eval/fd_* curves), each ablation variant 10 times (default 128)")
+                   help="fixed samples of the in-loop evaluation (TensorBoard's eval/fd_* curves): the demo run "
+                        f"evaluates them 5 times (default {DEMO_EVAL_SAMPLES}; 0 turns it off), each ablation variant "
+                        "10 times (default 128)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="distil LoRA students: adapters of this rank over the shared teacher (0: full fine-tuning)")
     p.add_argument("--teacher-steps", type=int, default=TEACHER_TRAIN["steps"],
@@ -624,15 +627,14 @@ def run(args: argparse.Namespace) -> int:
     if args.ablate:
         return ablate(args, teacher, text, data, out, log)
     run_dir = out / "run"
-    # the table's classifier, trained once: with --eval-samples its features also drive the in-loop evaluation
-    # (TensorBoard's eval/fd_* curves of the generator and the EMA, both samplers)
+    # the table's classifier, trained once: its features also drive the in-loop evaluation (TensorBoard's eval/fd_*
+    # curves of the generator and the EMA, both samplers)
     images, labels = digit_images()
     classifier = train_classifier(images, labels)
     spec = demo_recipe(teacher, data, run_dir, args.steps, args.nproc, args.cfg, lora=args.lora)
-    if args.eval_samples:
-        # opt-in: it samples one image per forward (layout-independent results); on, it made the cold
-        # `make demo` 11 min 55 s, and `make demo` must stay under 10 minutes
-        spec["eval"] = {"every": max(1, args.steps // 5), "num_samples": args.eval_samples,
+    n_eval = DEMO_EVAL_SAMPLES if args.eval_samples is None else args.eval_samples
+    if n_eval:
+        spec["eval"] = {"every": max(1, args.steps // 5), "num_samples": n_eval, "batch": min(n_eval, 16),
                         "features": str(save_features(classifier[0], out))}
     recipe = out / "demo_recipe.yaml"
     recipe.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -104,9 +104,13 @@ class InLoopEval:
 
             self.learned[metric] = learned_scorer(metric, c.hpsv2, c.hpsv2_clip, c.imagereward, c.aesthetic,
                                                   c.clip).to(t.dev)
-        dp, r = t.env.dp, t.env.dp_rank
-        self.mine = list(range(r, self.n, dp))
-        self.per_rank = -(-self.n // dp)  # every replica runs as many samples (collectives inside TP/PP groups)
+        # sample i is always in batch i // eval.batch, whatever the data-parallel size, so each sample sees the same
+        # batched forwards and the numbers do not depend on the layout; replicas take whole batches in turn
+        dp, r, b = t.env.dp, t.env.dp_rank, c.batch
+        batches = [list(range(s, min(s + b, self.n))) for s in range(0, self.n, b)]
+        self.mine = batches[r::dp]
+        self.per_rank = -(-len(batches) // dp)  # every replica runs as many batches (collectives inside TP/PP groups)
+        self.batch, self.first = b, batches[0]
         self.reference = self._reference()
 
     def _features(self, images: torch.Tensor) -> np.ndarray:
@@ -138,15 +142,20 @@ class InLoopEval:
         t = self.trainer
         out = {}
         for j in range(self.per_rank):
-            i = self.mine[j] if j < len(self.mine) else self.mine[-1]  # padding: repeat, result dropped
-            row = self.rows[i]
-            g = torch.Generator().manual_seed(t.cfg.train.seed + EVAL_SEED + i)
-            noise = torch.randn(1, t.latent_channels, t.latent_side, t.latent_side, generator=g).to(t.dev)
-            text, pooled = row["text"][None].to(t.dev), row["pooled"][None].to(t.dev)
+            # padding: a replica short of batches repeats one, results dropped; a short batch repeats its last sample
+            idx = self.mine[j] if j < len(self.mine) else (self.mine[-1] if self.mine else self.first)
+            full = idx + [idx[-1]] * (self.batch - len(idx))
+            gens = [torch.Generator().manual_seed(t.cfg.train.seed + EVAL_SEED + i) for i in full]
+            noise = torch.cat([torch.randn(1, t.latent_channels, t.latent_side, t.latent_side, generator=g)
+                               for g in gens]).to(t.dev)
+            text = torch.stack([self.rows[i]["text"] for i in full]).to(t.dev)
+            pooled = torch.stack([self.rows[i]["pooled"] for i in full]).to(t.dev)
             guide = t.objective.student_guidance(text)
-            x0 = sample_student(lambda x, s: t.G.forward(x, s, text, pooled, guide), noise, t.taus, mode, g)
+            x0 = sample_student(lambda x, s: t.G.forward(x, s, text, pooled, guide), noise, t.taus, mode, gens)
             if j < len(self.mine):
-                out[i] = self._measure(t.codec.decode(x0.float()), row["prompt"])
+                images = t.codec.decode(x0.float())
+                for k, i in enumerate(idx):
+                    out[i] = self._measure(images[k : k + 1], self.rows[i]["prompt"])
         return out
 
     def _measure(self, image: torch.Tensor, prompt: str | None) -> dict:

@@ -19,9 +19,10 @@ def sample_student(
     noise: torch.Tensor,
     taus: list[float],
     mode: str = "stochastic",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """`velocity(x, sigma_B)` closes over the conditioning; `noise` is x at sigma = tau_0."""
+    """`velocity(x, sigma_B)` closes over the conditioning; `noise` is x at sigma = tau_0. `generator` draws the
+    re-noising; a list holds one per sample (each sample's stream then does not depend on the batch it is in)."""
     if mode not in ("stochastic", "euler"):
         raise ValueError(f"sampler {mode!r} is unknown; use stochastic or euler.")
     b = noise.shape[0]
@@ -35,7 +36,11 @@ def sample_student(
         if mode == "euler":
             x = flow.euler(x, sigma, torch.full_like(sigma, nxt), v)
         elif k + 1 < len(taus):
-            eps = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device).to(x)
+            if isinstance(generator, list):
+                eps = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device) for g in generator]).to(x)
+            else:
+                eps = torch.randn(x.shape, generator=generator,
+                                  device=generator.device if generator else x.device).to(x)
             x = flow.noise(x0, eps, torch.full_like(sigma, nxt))
     return x0
 

@@ -77,7 +77,7 @@ def test_demo_trains_teacher_distils_and_scores_every_sampler(demo):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4
     assert json.loads((run / "DONE").read_text())["step"] == 4
-    # --eval-samples turns the in-loop evaluation on (every max(1, 4 // 5) = 1 iteration): the generator's and
+    # the in-loop evaluation (on by default; 4 samples here, every max(1, 4 // 5) = 1 iteration): the generator's and
     # the EMA's FD curves
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -101,8 +101,9 @@ def test_teacher_cache_is_reused(demo):
 def test_demo_nproc_2_distils_lora_students_at_tp2_and_evaluates_at_tp1(demo, tmp_path):
     root, _ = demo
     r = _run("demo", "--out", tmp_path / "out", "--cache", root / "cache", "--teacher-steps", 30, "--steps", 2,
-             "--per-digit", 2, "--nproc", 2, "--lora", 4)
+             "--per-digit", 2, "--nproc", 2, "--lora", 4, "--eval-samples", 0)
     assert "teacher: cached" in r.stdout
+    assert not (tmp_path / "out" / "run" / "eval").exists()  # --eval-samples 0: no in-loop evaluation
     assert "senseflow on 2 rank(s) tp=2 pp=1 dp=1" in r.stdout
     assert "LoRA adapters over the teacher's weights" in r.stdout
     meta = json.loads((tmp_path / "out" / "run" / "checkpoints" / "step_00000002" / "generator" /

@@ -86,14 +86,16 @@ def _eval_recording(env, overrides):
 def test_dp2_gives_the_numbers_of_dp1_on_the_same_samples(setup, scorers, learned, tmp_path):
     teacher, feats = setup
     clip, pick = scorers
-    base = [f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=5", f"eval.features={feats}",
-            "roles.generator.ema_decay=0.9", f"eval.clip={clip}", f"eval.pickscore={pick}", *learned[1]]
+    base = [f"roles.teacher.checkpoint={teacher}", "eval.every=1", "eval.num_samples=5", "eval.batch=2",
+            f"eval.features={feats}", "roles.generator.ema_decay=0.9", f"eval.clip={clip}", f"eval.pickscore={pick}", *learned[1]]
     one = run_distributed(_eval_at_start, 1, base + [f"train.output_dir={tmp_path / 'dp1'}"])[0]
     two = run_distributed(_eval_at_start, 2, base + [f"train.output_dir={tmp_path / 'dp2'}"])[0]
     assert set(one) == {f"eval/{ema}{metric}_{mode}" for ema in ("", "ema_") for metric in ("fd", "clip", "pickscore", "hpsv2", "imagereward", "aesthetic")
                         for mode in ("stochastic", "euler")}
     assert all(np.isfinite(v) for v in one.values())
-    for k in one:  # 5 samples over 2 replicas (3 + 2, one padded): gathered in sample order
+    # batches {0, 1}, {2, 3}, {4 + padding}: replica 0 takes the first and the third, replica 1 the second and a
+    # repeat (dropped); each sample sees the same batched forwards at DP1 and DP2, gathered in sample order
+    for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
     # the reference features were computed once and cached
     assert len(list((tmp_path / "dp1" / "eval").glob("reference-*.npy"))) == 1
