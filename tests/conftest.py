@@ -50,8 +50,11 @@ def pytest_collection_modifyitems(config, items):
     module."""
     modules = {_module_name(item) for item in items}
     slow = {_module_name(item) for item in items if item.get_closest_marker("slow")}
+    # a quick module that still starts gloo ranks (tests/dist_helpers, trainer_helpers) is no LIGHT one
+    multi_rank = {_module_name(item) for item in items
+                  if any(hasattr(item.module, name) for name in ("run_distributed", "train_inprocess"))}
     LIGHT.clear()
-    LIGHT.update((modules - slow - set(ALONE)) | (modules & set(BESIDE_ALONE)))
+    LIGHT.update((modules - slow - multi_rank - set(ALONE)) | (modules & set(BESIDE_ALONE)))
     order = [*ALONE, *(m for m in BESIDE_ALONE if m in LIGHT), *sorted(LIGHT - set(BESIDE_ALONE)),
              *(m for m in LONGEST_FIRST if m not in ALONE and m not in LIGHT)]
     rank = {name: i for i, name in enumerate(order)}
