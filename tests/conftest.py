@@ -25,16 +25,15 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1
 # the other (slow) modules longest first, so that both workers end at about the same time.
 # ALONE: modules that run with every slow module held back. The two-node Slurm jobs hung (both slurmd stopped
 # answering, the job never finished) in 2 of 5 full runs while other multi-rank tests ran beside them, and never
-# when run alone. LIGHT: modules without a slow test (no process group, no training run, one thread) and the
-# BESIDE_ALONE ones: they run beside an ALONE module, on the worker it would otherwise leave idle.
+# when run alone. LIGHT: modules without a slow test that start no gloo ranks: they run beside an ALONE module, on
+# the worker it would otherwise leave idle. (DeepSpeed's CPU Adam build beside it was tried: it stretched the
+# two-node module from 161 s to 210 s, for no net gain.)
 ALONE = ("test_slurm_two_nodes",)
 LONGEST_FIRST = (*ALONE, "test_checkpoint_faults", "test_demo", "test_walkthrough", "test_walkthrough_qwen",
                  "test_resume", "test_run_endings", "test_convert_verify", "test_recipes_run", "test_slurm_cluster",
-                 "test_cli_errors", "test_trainer", "test_lora", "test_in_loop_eval", "test_convert",
-                 "test_sid", "test_recipe_fidelity", "test_family_move", "test_model_parity", "test_new_families")
-# Slow modules that run in one process without a process group (a compile, a large conversion): LIGHT as well
-BESIDE_ALONE = ("test_offload", "test_single_file")
-LIGHT: set[str] = set()  # filled at collection: the modules none of whose tests is marked slow, and BESIDE_ALONE
+                 "test_cli_errors", "test_offload", "test_trainer", "test_lora", "test_in_loop_eval", "test_convert",
+                 "test_sid", "test_recipe_fidelity", "test_family_move", "test_model_parity", "test_new_families", "test_single_file")
+LIGHT: set[str] = set()  # filled at collection
 
 
 def pytest_configure(config):
@@ -54,9 +53,8 @@ def pytest_collection_modifyitems(config, items):
     multi_rank = {_module_name(item) for item in items
                   if any(hasattr(item.module, name) for name in ("run_distributed", "train_inprocess"))}
     LIGHT.clear()
-    LIGHT.update((modules - slow - multi_rank - set(ALONE)) | (modules & set(BESIDE_ALONE)))
-    order = [*ALONE, *(m for m in BESIDE_ALONE if m in LIGHT), *sorted(LIGHT - set(BESIDE_ALONE)),
-             *(m for m in LONGEST_FIRST if m not in ALONE and m not in LIGHT)]
+    LIGHT.update(modules - slow - multi_rank - set(ALONE))
+    order = [*ALONE, *sorted(LIGHT), *(m for m in LONGEST_FIRST if m not in ALONE and m not in LIGHT)]
     rank = {name: i for i, name in enumerate(order)}
     items.sort(key=lambda item: rank.get(_module_name(item), len(rank)))
 

@@ -1,7 +1,6 @@
 """`senseflow export --single-file` of FLUX.1 read back by diffusers' own `FluxTransformer2DModel.from_single_file`.
 diffusers' FLUX converter fixes the width at 3072, so this model is FLUX.1's width (0.53 B parameters): a module of
-its own, one process, no process group, so that it can run beside the two-node Slurm module (tests/conftest.py).
-SD3.x's single files are checked on tiny models in tests/test_convert.py."""
+its own. SD3.x's single files are checked on tiny models in tests/test_convert.py."""
 from __future__ import annotations
 
 import pytest
