@@ -321,15 +321,15 @@ def run(args: argparse.Namespace, feature: nn.Module | None = None) -> int:
             if not args.pickscore or not args.prompts:
                 raise ConfigError("PickScore needs --pickscore (a local PickScore_v1 directory) and --prompts.")
             results["pickscore"] = pick_score(args.pickscore, images, prompts_for(images, args.prompts), min(args.batch, 16))
+        from .progress import bar
+
         for metric in ("hpsv2", "imagereward", "aesthetic"):
             if metric not in wanted:
                 continue
-            scorer = learned_scorer(metric, args.hps, args.hps_clip, args.imagereward, args.aesthetic, args.clip)
-            if metric != "aesthetic" and not args.prompts:
+            if metric != "aesthetic" and not args.prompts:  # before loading a model of several GB
                 raise ConfigError(f"{metric} scores each image against its prompt: pass --prompts.")
+            scorer = learned_scorer(metric, args.hps, args.hps_clip, args.imagereward, args.aesthetic, args.clip)
             prompts = prompts_for(images, args.prompts) if args.prompts else [None] * len(images)
-            from .progress import bar
-
             step = min(args.batch, 16)
             starts = range(0, len(images), step)
             results[metric] = float(torch.cat([scorer.scores(images[i : i + step], prompts[i : i + step])

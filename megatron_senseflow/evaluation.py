@@ -40,9 +40,9 @@ EVAL_SEED = 7919  # offset of the evaluation noise streams from train.seed
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
-    from scipy import linalg
-
     import warnings
+
+    from scipy import linalg
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

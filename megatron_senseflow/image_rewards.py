@@ -50,6 +50,15 @@ def _load(path: str | Path) -> dict:
                          "objects beyond tensors, or it is damaged); re-download it.") from None
 
 
+def _from_folder(load, folder: str | Path, what: str):
+    """`load(folder)` of a transformers loader, its failure (no weights, no config, no tokenizer) one sentence."""
+    try:
+        return load(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ScoreError(f"{folder} is not {what} ({first[:160]}).") from None
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
@@ -116,7 +125,7 @@ class AestheticV2:
             raise ScoreError(f"{head_path} is not the aesthetic predictor's head (no layers.0.weight; expected "
                              "sac+logos+ava1-l14-linearMSE.pth).")
         self.head = linear_head(sd)
-        self.clip = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
+        self.clip = _from_folder(CLIPModel.from_pretrained, clip_dir, "a transformers CLIP ViT-L/14 folder").eval()
         if self.clip.config.projection_dim != self.head[0].in_features:
             raise ScoreError(f"{head_path} reads {self.head[0].in_features}-d image embeddings but the CLIP at {clip_dir} "
                              f"gives {self.clip.config.projection_dim}-d ones; pass CLIP ViT-L/14 as --clip.")
@@ -189,14 +198,14 @@ class HPSv2:
         if not isinstance(sd, dict) or "visual.conv1.weight" not in sd:
             raise ScoreError(f"{checkpoint} is not an HPS checkpoint (no open_clip state_dict; expected "
                              "HPS_v2.1_compressed.pt).")
-        config = CLIPConfig.from_pretrained(str(clip_dir), local_files_only=True)
+        config = _from_folder(CLIPConfig.from_pretrained, clip_dir, "a transformers ViT-H-14 folder")
         self.model = CLIPModel(config).eval()
         try:
             self.model.load_state_dict(open_clip_to_transformers(sd), strict=True)
         except (KeyError, RuntimeError) as e:
             raise ScoreError(f"{checkpoint} does not fit the CLIP architecture of {clip_dir} ({str(e)[:200]}); pass "
                              "a ViT-H-14 transformers folder as --hps-clip.") from None
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True)
+        self.tokenizer = _from_folder(CLIPTokenizer.from_pretrained, clip_dir, "a ViT-H-14 folder with its tokenizer")
         self.length = config.text_config.max_position_embeddings
         self.size = config.vision_config.image_size
 

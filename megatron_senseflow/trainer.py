@@ -46,6 +46,7 @@ from .sampling import sample_student
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, force_two_pass: bool = False):
+        self._startup = None  # the start-up phases' progress bar (_phase), closed when the loop begins
         if (cfg.parallel.tp, cfg.parallel.pp) != (env.tp, env.pp):
             raise ConfigError(
                 f"the config asks for tp={cfg.parallel.tp} pp={cfg.parallel.pp} but the process groups were built "
@@ -155,7 +156,7 @@ class Trainer:
         @contextlib.contextmanager
         def phase():
             t0 = time.time()
-            if getattr(self, "_startup", None) is None:  # one bar over the start-up's phases (a terminal only)
+            if self._startup is None:  # one bar over the start-up's phases (a terminal only)
                 self._startup = progress.bar(desc="start-up", unit="phase", main=self.env.is_main,
                                              bar_format="{desc}: {n} phases done [{elapsed}] {postfix}")
             self._startup.set_postfix_str(what[:70])
@@ -271,7 +272,7 @@ class Trainer:
     def run(self) -> int:
         c = self.cfg
         resumed = self._maybe_resume()
-        if getattr(self, "_startup", None) is not None:
+        if self._startup is not None:
             self._startup.close()
             self._startup = None
         self.monitor = Monitor(self.out, self.env.is_main, c.logging.tensorboard, resume_step=self.step,

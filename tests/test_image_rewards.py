@@ -181,16 +181,43 @@ def aesthetic_reference(head, clip_dir, path):
     return float(r)
 
 
+class References:
+    """The three references over one set of stand-in files (`hps`, `hps_clip`, `imagereward`, `aesthetic`, `clip`),
+    each checkpoint read once: `refs(metric, png, prompt)`."""
+
+    def __init__(self, files):
+        from transformers import BertTokenizer, CLIPTokenizer
+
+        self.files = files
+        self.hps_sd = torch.load(files["hps"], weights_only=True)["state_dict"]
+        self.hps_tok = CLIPTokenizer.from_pretrained(files["hps_clip"])
+        self.ir_sd = torch.load(files["imagereward"] / "ImageReward.pt", weights_only=True)
+        self.med = json.loads((files["imagereward"] / "med_config.json").read_text())
+        self.ir_tok = BertTokenizer(str(files["imagereward"] / "vocab.txt"))  # blip.init_tokenizer
+        self.ir_tok.add_special_tokens({"bos_token": "[DEC]"})
+        self.ir_tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        self.head = torch.load(files["aesthetic"], weights_only=True)
+
+    @torch.no_grad()
+    def __call__(self, metric: str, path, prompt: str) -> float:
+        if metric == "hpsv2":
+            return hps_reference(self.hps_sd, self.hps_tok, path, prompt)
+        if metric == "imagereward":
+            return imagereward_reference(self.ir_sd, self.med, self.ir_tok, path, prompt)
+        return aesthetic_reference(self.head, self.files["clip"], path)
+
+
+@pytest.fixture(scope="module")
+def refs(files):
+    return References(files)
+
+
 # ---------------------------------------------------------------- ours against them
 @torch.no_grad()
-def test_hpsv2_is_open_clips_cosine_on_the_padded_square(files):
-    from transformers import CLIPTokenizer
-
+def test_hpsv2_is_open_clips_cosine_on_the_padded_square(files, refs):
     from megatron_senseflow.image_rewards import HPSv2, resize_longest_pad
 
-    sd = torch.load(files["hps"], weights_only=True)["state_dict"]
-    tok = CLIPTokenizer.from_pretrained(files["hps_clip"])
-    want = [hps_reference(sd, tok, p, q) for p, q in zip(files["images"], PROMPTS)]
+    want = [refs("hpsv2", p, q) for p, q in zip(files["images"], PROMPTS)]
     got = HPSv2(files["hps"], files["hps_clip"]).scores(files["images"], PROMPTS)
     assert got.tolist() == pytest.approx(want, abs=1e-5)
     assert len(set(np.round(want, 4))) == 3  # the three differ: nothing constant passes
@@ -200,29 +227,21 @@ def test_hpsv2_is_open_clips_cosine_on_the_padded_square(files):
 
 
 @torch.no_grad()
-def test_imagereward_is_blips_cls_through_the_head(files):
-    from transformers import BertTokenizer
-
+def test_imagereward_is_blips_cls_through_the_head(files, refs):
     from megatron_senseflow.image_rewards import ImageReward
 
-    sd = torch.load(files["imagereward"] / "ImageReward.pt", weights_only=True)
-    med = json.loads((files["imagereward"] / "med_config.json").read_text())
-    tok = BertTokenizer(str(files["imagereward"] / "vocab.txt"))
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    assert tok("a red cat").input_ids == [2, 5, 6, 7, 3]  # [CLS] a red cat [SEP]
-    want = [imagereward_reference(sd, med, tok, p, q) for p, q in zip(files["images"], PROMPTS)]
+    assert refs.ir_tok("a red cat").input_ids == [2, 5, 6, 7, 3]  # [CLS] a red cat [SEP]
+    want = [refs("imagereward", p, q) for p, q in zip(files["images"], PROMPTS)]
     got = ImageReward(files["imagereward"]).scores(files["images"], PROMPTS)
     assert got.tolist() == pytest.approx(want, abs=1e-5)
     assert len(set(np.round(want, 4))) == 3
 
 
 @torch.no_grad()
-def test_aesthetic_is_the_head_on_the_normalised_clip_embedding(files):
+def test_aesthetic_is_the_head_on_the_normalised_clip_embedding(files, refs):
     from megatron_senseflow.image_rewards import AestheticV2
 
-    head = torch.load(files["aesthetic"], weights_only=True)
-    want = [aesthetic_reference(head, files["clip"], p) for p in files["images"]]
+    want = [refs("aesthetic", p, None) for p in files["images"]]
     got = AestheticV2(files["aesthetic"], files["clip"]).scores(files["images"])
     assert got.tolist() == pytest.approx(want, abs=1e-5)
     assert len(set(np.round(want, 4))) == 3
@@ -240,22 +259,16 @@ def test_wrong_files_are_one_sentence(files, tmp_path):
                       (lambda: HPSv2(files["aesthetic"], files["hps_clip"]), "not an HPS checkpoint"),
                       (lambda: AestheticV2(files["hps"], files["clip"]), "not the aesthetic predictor's head"),
                       (lambda: ImageReward(tmp_path), "lacks ImageReward.pt, med_config.json, vocab.txt"),
-                      (lambda: AestheticV2(files["aesthetic"], files["hps_clip"]), None)):
-        if why is None:  # the HPS folder has no weights: transformers' own error, not ours to hide
-            with pytest.raises(Exception):
-                make()
-            continue
+                      (lambda: AestheticV2(files["aesthetic"], tmp_path), "is not a transformers CLIP ViT-L/14 folder")):
         with pytest.raises(ScoreError, match=why) as e:
             make()
         assert "\n" not in str(e.value)
 
 
-def test_senseflow_eval_reports_the_three_means(files, capsys):
+def test_senseflow_eval_reports_the_three_means(files, refs, capsys):
     """`senseflow eval --metrics hpsv2,imagereward,aesthetic`: the mean of each reference over the images, each image
     against its prompt (the file names' prompt index); a missing file is one sentence."""
     import argparse
-
-    from transformers import BertTokenizer, CLIPTokenizer
 
     from megatron_senseflow.config import ConfigError
     from megatron_senseflow.eval_cli import add_arguments, run
@@ -271,19 +284,8 @@ def test_senseflow_eval_reports_the_three_means(files, capsys):
                               "--out", str(root / "scores.json")])
     assert run(args) == 0
     got = json.loads((root / "scores.json").read_text())
-    hps_sd = torch.load(files["hps"], weights_only=True)["state_dict"]
-    ir_sd = torch.load(files["imagereward"] / "ImageReward.pt", weights_only=True)
-    med = json.loads((files["imagereward"] / "med_config.json").read_text())
-    tok = BertTokenizer(str(files["imagereward"] / "vocab.txt"))
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    head = torch.load(files["aesthetic"], weights_only=True)
-    with torch.no_grad():
-        want = {"hpsv2": np.mean([hps_reference(hps_sd, CLIPTokenizer.from_pretrained(files["hps_clip"]), p, q)
-                                  for p, q in zip(files["images"], PROMPTS)]),
-                "imagereward": np.mean([imagereward_reference(ir_sd, med, tok, p, q)
-                                        for p, q in zip(files["images"], PROMPTS)]),
-                "aesthetic": np.mean([aesthetic_reference(head, files["clip"], p) for p in files["images"]])}
+    want = {m: np.mean([refs(m, p, q) for p, q in zip(files["images"], PROMPTS)])
+            for m in ("hpsv2", "imagereward", "aesthetic")}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-5), k
     assert f"hpsv2: {got['hpsv2']:.4f}" in capsys.readouterr().out

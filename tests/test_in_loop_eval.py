@@ -2,8 +2,6 @@
 the aesthetic score by hand, and losses untouched by it."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -53,7 +51,7 @@ def learned(tmp_path_factory, scorers):
     root = tmp_path_factory.mktemp("learned")
     hps, hps_clip = hps_standin(root)
     files = dict(hps=hps, hps_clip=hps_clip, imagereward=imagereward_standin(root),
-                 aesthetic=aesthetic_standin(root, scorers[0]))
+                 aesthetic=aesthetic_standin(root, scorers[0]), clip=scorers[0])
     overrides = [f"eval.hpsv2={hps}", f"eval.hpsv2_clip={hps_clip}", f"eval.imagereward={files['imagereward']}",
                  f"eval.aesthetic={files['aesthetic']}"]
     return files, overrides
@@ -107,9 +105,9 @@ def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_the
     cos (87 here), each sample against its own caption, over the 4 samples of one sampler; HPSv2.1, ImageReward and
     the aesthetic score: the mean of their references (tests/test_image_rewards.py) on each sample saved as a PNG."""
     from PIL import Image
-    from transformers import BertTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor
 
-    from tests.test_image_rewards import aesthetic_reference, hps_reference, imagereward_reference
+    from tests.test_image_rewards import References
 
     teacher, feats = setup
     clip, pick = scorers
@@ -135,24 +133,15 @@ def test_clip_score_and_pickscore_are_the_papers_formulas_on_the_samples_and_the
         assert logs[f"eval/clip_{mode}"] == pytest.approx(np.mean(100 * np.maximum(cosines(clip, samples), 0)), rel=1e-5)
         assert logs[f"eval/pickscore_{mode}"] == pytest.approx(87.0 * np.mean(cosines(pick, samples)), rel=1e-5)
 
-    files = learned[0]
-    hps_sd = torch.load(files["hps"], weights_only=True)["state_dict"]
-    ir_sd = torch.load(files["imagereward"] / "ImageReward.pt", weights_only=True)
-    med = json.loads((files["imagereward"] / "med_config.json").read_text())
-    ir_tok = BertTokenizer(str(files["imagereward"] / "vocab.txt"))
-    ir_tok.add_special_tokens({"bos_token": "[DEC]"})
-    ir_tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    head = torch.load(files["aesthetic"], weights_only=True)
+    refs = References(learned[0])
     for k, mode in enumerate(("stochastic", "euler")):
         want = {"hpsv2": [], "imagereward": [], "aesthetic": []}
         for j, (image, prompt) in enumerate(seen[4 * k: 4 * k + 4]):
             png = tmp_path / f"{mode}{j}.png"
             pixels = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
             Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(png)
-            with torch.no_grad():
-                want["hpsv2"].append(hps_reference(hps_sd, CLIPTokenizer.from_pretrained(files["hps_clip"]), png, prompt))
-                want["imagereward"].append(imagereward_reference(ir_sd, med, ir_tok, png, prompt))
-                want["aesthetic"].append(aesthetic_reference(head, clip, png))
+            for metric, values in want.items():
+                values.append(refs(metric, png, prompt))
         for metric, values in want.items():
             assert logs[f"eval/{metric}_{mode}"] == pytest.approx(np.mean(values), abs=1e-5), metric
 

@@ -408,10 +408,21 @@ def is_diffusers_dir(path: str | Path) -> bool:
     return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
 
 
+def single_file_target(out: str | Path, overwrite: bool) -> Path:
+    """--out of --single-file: a .safetensors file, replaced only with --overwrite."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--out {out}: with --single-file, name the file to write (e.g. student.safetensors).")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} exists; pass --overwrite to replace it.")
+    return out
+
+
 def write_single_file(src: str | Path, out: str | Path, *, overwrite: bool = False,
-                      progress: bool | None = None) -> Path:
+                      progress: bool | None = None) -> str:
     """A diffusers transformer directory -> one safetensors file in its family's original single-file layout
-    (models/single_file.py), written tensor by tensor: memory stays near the largest fused tensor. Returns `out`."""
+    (models/single_file.py), written tensor by tensor: memory stays near the largest fused tensor. Returns the
+    layout's name (for the command's last line)."""
     from megatron_senseflow.models import family_of
     from megatron_senseflow.models.configs import arch_of_diffusers_dir
 
@@ -421,11 +432,7 @@ def write_single_file(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     if family.single_file is None:
         raise ConversionError(f"--single-file writes FLUX.1's and SD3.x's original layouts; {arch.label} has none "
                               "here: load its exported diffusers folder (diffusers and ComfyUI read it).")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"--out {out}: with --single-file, name the file to write (e.g. student.safetensors).")
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} exists; pass --overwrite to replace it.")
+    out = single_file_target(out, overwrite)
     files = SafetensorsDir(src)
     try:
         steps = family.single_file_recipe(files.info)
@@ -449,7 +456,7 @@ def write_single_file(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     fsync_tree(partial)
     os.replace(partial / writer.names[0], out)  # whole or not at all
     shutil.rmtree(partial)
-    return out
+    return family.single_file
 
 
 # ---------------------------------------------------------------- command line
@@ -507,8 +514,8 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite, progress=args.progress)
         what = "role checkpoint"
     elif args.single_file and is_diffusers_dir(args.ckpt):
-        out = write_single_file(args.ckpt, args.out, overwrite=args.overwrite, progress=args.progress)
-        print(f"{prog}: wrote {out} ({family_label(args.ckpt)} single file) in {time.perf_counter() - start:.1f}s")
+        layout = write_single_file(args.ckpt, args.out, overwrite=args.overwrite, progress=args.progress)
+        print(f"{prog}: wrote single file {args.out} ({layout}) in {time.perf_counter() - start:.1f}s")
         return 0
     else:
         from megatron_senseflow.checkpoint import resolve_role_dir
@@ -517,8 +524,7 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
         step = role_dir.parent.name if role_dir.parent.name.startswith("step_") else "a role checkpoint"
         print(f"{prog}: exporting the {role_dir.name} of {step} ({role_dir})", flush=True)
         if args.single_file:
-            export_single_file(args)
-            what = "single file"
+            what = f"single file ({export_single_file(args)})"
         else:
             export_checkpoint(args.ckpt, args.out, role=args.role, base_pipeline=args.base_pipeline,
                               max_shard_size=args.max_shard_size, dtype=args.dtype, link=args.link,
@@ -540,17 +546,13 @@ def run_for(verb: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def export_single_file(args: argparse.Namespace) -> Path:
+def export_single_file(args: argparse.Namespace) -> str:
     """`senseflow export --single-file` of a trained role: the diffusers export into a folder beside --out, then
-    that folder in the original layout (write_single_file); the folder is removed."""
+    that folder in the original layout (write_single_file, whose layout it returns); the folder is removed."""
     if args.lora or args.base_pipeline:
         raise ConversionError("--single-file writes full weights: for a LoRA run add --merge (a LoRA file for ComfyUI "
                               "is --lora: ComfyUI reads diffusers' LoRA layout), and leave out --base-pipeline.")
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"--out {out}: with --single-file, name the file to write (e.g. student.safetensors).")
-    if out.exists() and not args.overwrite:
-        raise ConversionError(f"{out} exists; pass --overwrite to replace it.")
+    out = single_file_target(args.out, args.overwrite)  # refused before the export's work, not after
     staging = out.parent / f".{out.name}.diffusers"
     export_checkpoint(args.ckpt, staging, role=args.role, dtype=args.dtype, overwrite=True, progress=args.progress,
                       merge=args.merge, base=args.base)
@@ -558,12 +560,6 @@ def export_single_file(args: argparse.Namespace) -> Path:
         return write_single_file(staging, out, overwrite=args.overwrite, progress=args.progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def family_label(path) -> str:
-    from megatron_senseflow.models.configs import arch_of_diffusers_dir
-
-    return arch_of_diffusers_dir(find_transformer_dir(path)).label
 
 
 def trained_guidance(arch, ckpt) -> float | None:
