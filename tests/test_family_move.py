@@ -7,12 +7,15 @@ term of every step: FLUX SenseFlow (guidance embedding, GAN, ISG on the sigma gr
 (real CFG, the SD3.5 trainers' table laws and ISG grid, MMDiT-X dual attention), FLUX SiD (CFG and embedding, the
 Jacobian products through teacher and fake score) and SD3 with LoRA students under full recompute.
 
-Bit-identical needs the same float kernels: with 1 thread per rank the CPU results depend on torch's version and
-the CPU's vector extension (`torch.backends.cpu.get_cpu_capability()`), both recorded. On the recorded environment
-the comparison is exact; on another one, the numbers are compared to 1e-6 relative (the kernels' rounding), and the
-assertion message says which comparison ran.
+Bit-identical needs the same float kernels: with 1 thread per rank the CPU results depend on torch's version, the
+CPU's vector extension (`torch.backends.cpu.get_cpu_capability()`) and the CPU itself (110 of the 232 numbers
+differ in their last bits between an AMD EPYC and the first recording's machine, both AVX512). The golden file holds
+one recording per environment, each made on the code before the move. On a recorded environment the comparison is
+exact; on another one, the numbers are compared to the first recording to 1e-3 relative (the two recordings differ
+by up to 5.2e-5 relative after 2-4 steps, as rounding grows through the updates; a change in a loss moves it by
+far more), and the assertion message says which comparison ran.
 
-    python -m tests.test_family_move   # rewrites the golden file (only before a change that may move numbers)
+    python -m tests.test_family_move   # adds this environment's recording (on the commit the file names only)
 """
 from __future__ import annotations
 
@@ -67,17 +70,35 @@ def losses(tmp: Path) -> dict:
 
 
 def environment() -> dict:
+    """What decides the float kernels on a CPU: torch's version, the vector extension, and the CPU itself (the same
+    AVX512 build rounds differently on an AMD EPYC than on the CPU of the first recording)."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    import platform
+
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return " ".join(filter(None, (fields.get("vendor_id"), fields.get("model name")))) or platform.processor()
 
 
 def test_losses_equal_the_ones_recorded_before_the_family_move(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     got = losses(tmp_path)
-    exact = golden["environment"] == environment()
-    assert set(got) == set(golden["runs"]) == set(RUNS)
-    for name, rows in golden["runs"].items():
+    here = environment()
+    same = [r for r in golden["recordings"] if r["environment"] == here]
+    exact = bool(same)
+    recording = same[0] if same else golden["recordings"][0]
+    assert set(got) == set(recording["runs"]) == set(RUNS)
+    for name, rows in recording["runs"].items():
         assert len(got[name]) == len(rows), name
         for want, have in zip(rows, got[name]):
             assert set(want) == set(have), (name, sorted(set(want) ^ set(have)))
@@ -86,19 +107,26 @@ def test_losses_equal_the_ones_recorded_before_the_family_move(tmp_path):
                     assert have[k] == v or (math.isnan(v) and math.isnan(have[k])), \
                         f"{name} step {want['step']} {k}: {have[k]!r} != {v!r} (exact: same environment)"
                 else:
-                    assert math.isclose(have[k], v, rel_tol=1e-6, abs_tol=1e-9), \
-                        f"{name} step {want['step']} {k}: {have[k]!r} vs {v!r} (1e-6: recorded on {golden['environment']})"
+                    assert math.isclose(have[k], v, rel_tol=1e-3, abs_tol=1e-7) or (math.isnan(v) and math.isnan(have[k])), \
+                        f"{name} step {want['step']} {k}: {have[k]!r} vs {v!r} (1e-3: recorded on {recording['environment']})"
 
 
 def record() -> None:
+    """Adds this environment's recording (replacing one of the same environment): run it on the code before a
+    change that may move numbers."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = losses(Path(tmp))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"commit": commit, "recordings": []}
+    if golden["commit"] != commit:
+        raise SystemExit(f"{GOLDEN} was recorded on {golden['commit']}; record on that commit, or remove the file")
+    here = environment()
+    golden["recordings"] = [r for r in golden["recordings"] if r["environment"] != here] + [{"environment": here, "runs": runs}]
     GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps({"commit": commit, "environment": environment(), "runs": runs}, indent=1) + "\n")
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
 
 
