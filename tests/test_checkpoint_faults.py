@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -38,10 +39,32 @@ def losses(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(teacher, tmp_path_factory):
+def reference_run(teacher, tmp_path_factory) -> Path:
+    """An uninterrupted 6-step run that keeps its checkpoints of steps 2, 4 and 6 (the recipe keeps 2)."""
     out = tmp_path_factory.mktemp("reference")
-    run(teacher, out, 6)
-    return losses(out)
+    run(teacher, out, 6, "checkpoint.keep_last=3")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return losses(reference_run)
+
+
+def stopped_at(reference_run: Path, step: int, out: Path) -> Path:
+    """What a run of `step` steps leaves in `out`, without training it again: the reference run's directory with the
+    checkpoints and rows after `step` taken away (a run is deterministic, and the tiny recipe's learning rate does
+    not depend on train.max_steps, so its checkpoints up to `step` are those of a `step`-step run)."""
+    shutil.copytree(reference_run, out, dirs_exist_ok=True)
+    ck = out / "checkpoints"
+    for d in ck.glob("step_*"):
+        if int(d.name.split("_")[1].split(".")[0]) > step:
+            shutil.rmtree(d)
+    (ck / "latest").write_text(f"step_{step:08d}\n")
+    rows = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    (out / "metrics.jsonl").write_text("".join(f"{ln}\n" for ln in rows))
+    (out / "DONE").write_text(json.dumps({"step": step}) + "\n")
+    return out
 
 
 def _one_line(text: str) -> str:
@@ -50,8 +73,8 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
-def test_a_truncated_shard_is_found_kept_and_an_older_checkpoint_resumes(teacher, reference, tmp_path):
-    run(teacher, tmp_path, 4)
+def test_a_truncated_shard_is_found_kept_and_an_older_checkpoint_resumes(teacher, reference_run, reference, tmp_path):
+    stopped_at(reference_run, 4, tmp_path)
     ck = tmp_path / "checkpoints"
     shard = ck / "step_00000004" / "generator" / "__0_1.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a storage fault after COMPLETE
@@ -62,8 +85,8 @@ def test_a_truncated_shard_is_found_kept_and_an_older_checkpoint_resumes(teacher
     assert losses(tmp_path) == reference
 
 
-def test_a_flipped_byte_fails_its_checksum_and_with_none_intact_the_run_refuses(teacher, tmp_path):
-    run(teacher, tmp_path, 2)
+def test_a_flipped_byte_fails_its_checksum_and_with_none_intact_the_run_refuses(teacher, reference_run, tmp_path):
+    stopped_at(reference_run, 2, tmp_path)
     shard = max((tmp_path / "checkpoints" / "step_00000002" / "fake_score_optim").glob("*.distcp"),
                 key=lambda f: f.stat().st_size)
     data = bytearray(shard.read_bytes())
