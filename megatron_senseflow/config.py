@@ -363,6 +363,10 @@ class TrainConfig:
 class CheckpointConfig:
     every: NonNegativeInt = 500
     """Save every N iterations (0 = only at the end and on signals)."""
+    at_end: bool = True
+    """Save when the run reaches train.max_steps. false for smoke tests and throughput measurements, whose end
+    state nobody resumes: a rerun then starts from the last periodic checkpoint (a FLUX run's final save writes
+    about 340 GB)."""
     keep_last: Count = 3
     """Keep this many step directories; older ones are removed after a successful save."""
     resume: bool = True

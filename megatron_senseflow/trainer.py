@@ -334,7 +334,7 @@ class Trainer:
                     self.ckpt.finalize()
                     self._stopped(stop, saved)
                     return 0
-                if periodic or stop or self.step == c.train.max_steps:
+                if periodic or stop or (self.step == c.train.max_steps and c.checkpoint.at_end):
                     self.save(wait=bool(stop) or self.step == c.train.max_steps)
                     self._check_signal_lead(time.time() - t_last, max(self.step - last_step, 1))
                     # a stop that arrived while this save was written needs no second save of its own

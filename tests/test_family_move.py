@@ -56,7 +56,8 @@ def _runs_body(env, teachers: dict, out: str):
     for name, (preset, overrides) in RUNS.items():
         run_dir = Path(out) / name
         cfg = load_config("tiny", [*overrides, f"roles.teacher.checkpoint={teachers[preset]}", "parallel.tp=2",
-                                   f"train.output_dir={run_dir}", "checkpoint.every=0", "logging.tensorboard=false"])
+                                   f"train.output_dir={run_dir}", "checkpoint.every=0", "checkpoint.at_end=false",
+                                   "logging.tensorboard=false"])
         Trainer(cfg, env).run()
         if env.is_main:
             rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -439,7 +439,8 @@ def test_learning_rate_warm_up_counts_iterations_for_every_role(tmp_path):
     from tests.trainer_helpers import metrics, train_inprocess
 
     lr, w = 1e-4, 4
-    train_inprocess(1, ["train.max_steps=6", f"train.output_dir={tmp_path}", "checkpoint.every=0", "logging.log_every=1",
+    train_inprocess(1, ["train.max_steps=6", f"train.output_dir={tmp_path}", "checkpoint.every=0",
+                        "checkpoint.at_end=false", "logging.log_every=1",
                         "distill.ttur=3", *[f"roles.{r}.optimizer.warmup_steps={w}" for r in
                                             ("generator", "fake_score", "discriminator")]])
     rows = {r["step"]: r for r in metrics(tmp_path)}

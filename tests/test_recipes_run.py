@@ -54,7 +54,7 @@ def overrides(name: str, out: Path, tp: int, pp: int) -> list[str]:
             "data.num_workers=0", "roles.discriminator.dinov2=tiny", "roles.discriminator.vae=null",
             "roles.discriminator.feature_layers=[0,1]", "roles.discriminator.text_condition=pooled",
             "roles.discriminator.clip=null", *ttur, "train.max_steps=1", f"train.output_dir={out}",
-            "train.device=cpu", "checkpoint.every=0", "logging.tensorboard=false", "logging.image_every=0",
+            "train.device=cpu", "checkpoint.every=0", "checkpoint.at_end=false", "logging.tensorboard=false", "logging.image_every=0",
             "logging.log_every=1", f"parallel.tp={tp}", f"parallel.pp={pp}"]
 
 

@@ -20,6 +20,7 @@ SID = ["method=sid", "model.student_guidance_embeds=true", "distill.guidance_mod
        "distill.anchor_draw=per_iteration", "distill.shift=1.0", "distill.ttur=1",
        "distill.dmd_timesteps.kind=logit_normal", "distill.dmd_timesteps.mean=0.6931472", "distill.dmd_timesteps.std=1.6",
        "distill.sid_weighting=one_minus_sigma", "distill.sid_loss_scale=100.0", "checkpoint.every=0",
+       "checkpoint.at_end=false",
        "data.micro_batch_size=2"]
 STEP = 3  # an iteration whose shared anchor draw needs backward simulation through G
 

@@ -52,7 +52,7 @@ def reference(teacher, tmp_path_factory) -> dict[int, dict]:
 
     out = tmp_path_factory.mktemp("reference")
     train_inprocess(2, [f"roles.teacher.checkpoint={teacher}", f"train.max_steps={REFERENCE_STEPS}",
-                        "logging.log_every=1", f"train.output_dir={out}"])
+                        "logging.log_every=1", f"train.output_dir={out}", "checkpoint.every=0", "checkpoint.at_end=false"])
     return _trainer_rows(out)
 
 

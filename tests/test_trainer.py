@@ -2,6 +2,8 @@
 fp32 masters, methods and families run, the NaN guard skips and aborts, TensorBoard reads back."""
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from tests.trainer_helpers import make_teacher, metrics, train_inprocess
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["checkpoint.every=0", "logging.log_every=1"]
+COMMON = ["checkpoint.every=0", "checkpoint.at_end=false", "logging.log_every=1"]
 TERMS = ["gen/dmd", "gen/isg", "gen/gan", "fake/fm", "disc/loss", "disc/logit_real", "disc/logit_fake"]
 
 
@@ -46,6 +48,8 @@ def layout_runs(teacher, tmp_path_factory):
         train_inprocess(world, [f"roles.teacher.checkpoint={teacher}", "train.max_steps=4", f"train.output_dir={d}",
                                 *COMMON, *AUTHORS_DISCRIMINATOR, *extra], tp=tp, pp=pp)
         out[name] = metrics(d)
+        # checkpoint.at_end=false (with every=0): the run ends as done and writes no checkpoint
+        assert json.loads((d / "DONE").read_text()) == {"step": 4} and not list(d.glob("checkpoints/step_*")), name
     return out
 
 
