@@ -97,11 +97,15 @@ def _own_write_results_queue() -> None:
     import os
     from multiprocessing.managers import SyncManager
 
-    from .procs import quiet_helper
+    from .procs import quiet_helper, stderr_to_devnull
 
     _results_manager = SyncManager(ctx=mp.get_context("spawn"))
-    # a light module: the spawned server imports what its initializer's module imports
-    _results_manager.start(initializer=quiet_helper, initargs=(os.getpid(),))
+    # The server starts with /dev/null as its stderr: a rank killed in the moment the server reads its start-up
+    # data from the rank leaves it a traceback (EOFError in spawn_main) that, printed to the rank's stderr, would
+    # sit under the launcher's one line about the killed rank. Its initializer (quiet_helper) keeps it so. A light
+    # module: the spawned server imports what its initializer's module imports.
+    with stderr_to_devnull():
+        _results_manager.start(initializer=quiet_helper, initargs=(os.getpid(),))
     filesystem_async._results_queue = _PickledQueue(_results_manager.Queue())
 
 

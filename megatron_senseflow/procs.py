@@ -5,9 +5,11 @@ server can all use them without importing one another (a spawned helper server i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sys
 
 
 def free_port() -> int:
@@ -65,3 +67,19 @@ def quiet_helper(parent: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # sys.stderr writes to fd 2
     os.close(devnull)
+
+
+@contextlib.contextmanager
+def stderr_to_devnull():
+    """While starting a helper process: fd 2 is /dev/null, so the helper inherits that as its stderr from its first
+    instruction, and this process gets its own back after. A helper that fails before its own code runs (its parent
+    killed while it reads its start-up data) then leaves no traceback in the parent's stderr."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -186,3 +186,50 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_the_checkpoint_results_server_is_quiet_light_and_dies_with_its_rank():
+    """mcore_compat's server for megatron's checkpoint write results: its stderr is /dev/null from its first
+    instruction (a rank killed while it starts leaves no traceback under the launcher's line), it stores pickled
+    bytes and never imports torch (2.7 s and a few hundred MB per rank otherwise), the queue gives back what was
+    put (an exception too, as a failed writer puts one), and a killed rank takes it along."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+from megatron_senseflow.procs import children_die_with_me
+children_die_with_me()
+import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_senseflow import mcore_compat
+mcore_compat._own_write_results_queue()
+q = filesystem_async._results_queue
+q.put({0: [torch.Size([2, 3]), torch.zeros(2)]})
+got = q.get_nowait()
+assert got[0][0] == torch.Size([2, 3]) and torch.equal(got[0][1], torch.zeros(2)), got
+q.put(RuntimeError("a writer failed"))
+assert str(q.get_nowait()) == "a writer failed"
+server = mcore_compat._results_manager._process.pid
+print(server, os.readlink(f"/proc/{server}/fd/2"), "torch" in open(f"/proc/{server}/maps").read(), flush=True)
+import time; time.sleep(60)
+"""
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = rank.stdout.readline().split()
+    assert len(line) == 3, rank.stderr.read()[-3000:] if rank.poll() is not None else line
+    server, stderr, has_torch = int(line[0]), line[1], line[2]
+    assert stderr == "/dev/null" and has_torch == "False", line
+    rank.kill()
+    rank.wait()
+    # the start itself: a process started inside stderr_to_devnull inherits /dev/null; after it, ours is back
+    from megatron_senseflow.procs import stderr_to_devnull
+
+    fd2 = ["sh", "-c", "readlink /proc/$$/fd/2"]
+    with stderr_to_devnull():
+        inside = subprocess.run(fd2, stdout=subprocess.PIPE, text=True).stdout.strip()
+    after = subprocess.run(fd2, stdout=subprocess.PIPE, text=True).stdout.strip()
+    assert inside == "/dev/null" != after, (inside, after)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(server):
+        time.sleep(0.05)
+    assert not _alive(server), "the results server outlived its killed rank"
