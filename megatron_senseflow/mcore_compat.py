@@ -7,6 +7,8 @@ rerun tests/test_resume.py and drop what the new version no longer needs.
 """
 from __future__ import annotations
 
+import pickle  # _PickledQueue: the write results of this rank's own writer processes, never a file
+
 import torch
 
 # Distributed-optimizer state in a layout-independent format: a run saved at one TP/PP/DP
@@ -97,15 +99,16 @@ def _own_write_results_queue() -> None:
     import os
     from multiprocessing.managers import SyncManager
 
-    from .procs import quiet_helper, stderr_to_devnull
+    from .procs import die_with_parent, stderr_to_devnull
 
     _results_manager = SyncManager(ctx=mp.get_context("spawn"))
-    # The server starts with /dev/null as its stderr: a rank killed in the moment the server reads its start-up
-    # data from the rank leaves it a traceback (EOFError in spawn_main) that, printed to the rank's stderr, would
-    # sit under the launcher's one line about the killed rank. Its initializer (quiet_helper) keeps it so. A light
-    # module: the spawned server imports what its initializer's module imports.
+    # The server starts with /dev/null as its stderr and keeps it: a rank killed while its server starts (reading
+    # its start-up data, or sending its address back) leaves the server a traceback that, in the rank's stderr,
+    # would sit under the launcher's one line about the killed rank. The server's failures show in the rank
+    # itself, as a broken queue. It dies with the rank (die_with_parent); a light module: the spawned server
+    # imports what its initializer's module imports.
     with stderr_to_devnull():
-        _results_manager.start(initializer=quiet_helper, initargs=(os.getpid(),))
+        _results_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = _PickledQueue(_results_manager.Queue())
 
 
@@ -119,18 +122,9 @@ class _PickledQueue:
         self._queue = queue
 
     def put(self, item, *args, **kwargs) -> None:
-        import pickle
-
         self._queue.put(pickle.dumps(item), *args, **kwargs)
 
-    def get(self, *args, **kwargs):
-        import pickle
-
-        return pickle.loads(self._queue.get(*args, **kwargs))
-
     def get_nowait(self):
-        import pickle
-
         return pickle.loads(self._queue.get_nowait())
 
 

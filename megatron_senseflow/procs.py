@@ -1,4 +1,5 @@
-"""Process helpers on the ground floor: a free port, children that die with their parent, a quiet helper server.
+"""Process helpers on the ground floor: a free port, children that die with their parent, no stderr for a helper
+while it starts.
 
 They import nothing of ours, so that the launcher, the distributed bootstrap and the checkpoint writer's helper
 server can all use them without importing one another (a spawned helper server imports only this module).
@@ -56,17 +57,6 @@ def children_die_with_me() -> None:
         _FORKING = os.getpid()
 
     os.register_at_fork(before=before, after_in_child=lambda: die_with_parent(_FORKING))
-
-
-def quiet_helper(parent: int) -> None:
-    """Initializer of a rank's helper server (megatron's checkpoint results queue): end with the rank, and say
-    nothing. A rank killed while its server starts leaves the server failing to send its address to the dead
-    rank; that traceback would land in the rank's stderr, under the launcher's one line about the killed
-    rank. The server's failures show in the rank itself, as a broken queue."""
-    die_with_parent(parent)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # sys.stderr writes to fd 2
-    os.close(devnull)
 
 
 @contextlib.contextmanager
